@@ -1,0 +1,73 @@
+# kanmoe: the two commands (`make serve`, `make test`) do all set-up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch lies on local disk; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help venv install install-dev serve test lint format bench bench-kan bench-onnx paper-tables \
+        default-model export-default clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.torch: $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e '.[train,serve]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-dev
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $@
+
+venv install: $(VENV)/.installed  ## create .venv and install kanmoe with train+serve extras
+
+install-dev: $(VENV)/.installed-dev  ## create .venv and install kanmoe with dev extras
+
+serve: $(VENV)/.installed  ## serve the embedded default model on port 8000
+	$(VENV)/bin/kanmoe serve --repository model_repository --port 8000
+
+test: $(VENV)/.installed-dev  ## run the whole test suite (pytest exit code 5, no tests, fails)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev  ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-dev  ## apply ruff formatting and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: bench-kan bench-onnx  ## run every benchmark and update benchmarks/RESULTS.md
+
+bench-kan: $(VENV)/.installed-bench  ## KAN layer speed vs efficient-kan-style baseline, pykan, kanditioned
+	$(PY) benchmarks/kan_layers.py
+
+bench-onnx: $(VENV)/.installed-dev  ## ONNX Runtime vs torch latency
+	$(PY) benchmarks/onnx_runtime.py
+
+paper-tables: $(VENV)/.installed-dev  ## reproduce the KAMoE paper's California Housing table (3 seeds)
+	$(PY) benchmarks/paper_tables.py
+
+default-model: $(VENV)/.installed  ## retrain the default KAMoE into runs/california_kamoe
+	$(VENV)/bin/kanmoe train --config configs/california_kamoe.yaml --out runs/california_kamoe
+
+export-default: $(VENV)/.installed  ## export the committed default run into model_repository/
+	$(VENV)/bin/kanmoe export default_run --repository model_repository --name california_kamoe --version 1 --check --force
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

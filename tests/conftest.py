@@ -1,0 +1,24 @@
+"""Shared fixtures: the shipped data, a deterministic seed, and the CLI runner."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kanmoe.paths import CALIFORNIA_HOUSING_CSV, PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def california_csv() -> Path:
+    assert CALIFORNIA_HOUSING_CSV.exists(), f"shipped data missing: {CALIFORNIA_HOUSING_CSV}"
+    return CALIFORNIA_HOUSING_CSV
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
