@@ -1,0 +1,126 @@
+"""``kanmoe train``, ``predict``, ``tune`` and ``plot``: the training-side commands.
+
+torch and the model code are imported inside each command so ``kanmoe --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from kanmoe.commands import one_line_errors
+
+
+def _load(config: Path | None, sets: list[str], seed: int | None, out: Path | None, resume: bool):
+    from kanmoe.errors import ConfigError
+    from kanmoe.model.config import apply_overrides, read_yaml, validate_config
+
+    if config is None:
+        if not (resume and out is not None):
+            raise ConfigError("--config is required (or --out RUN_DIR --resume)")
+        config = out / "config.yaml"
+    raw = apply_overrides(read_yaml(config), list(sets))
+    if seed is not None:
+        raw["seed"] = seed
+    return validate_config(raw, source=str(config))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @one_line_errors
+    def train(
+        config: Path = typer.Option(None, "--config", "-c", help="YAML run config"),
+        out: Path = typer.Option(None, "--out", "-o", help="run dir (default runs/<name>)"),
+        set_: list[str] = typer.Option(
+            [], "--set", "-s", help="override a config key: key.sub=value (YAML value)"
+        ),
+        resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+        seed: int = typer.Option(None, "--seed", help="override the config's seed"),
+    ) -> None:
+        """Train a model from a YAML config into a run dir (weights, metrics, plots)."""
+        cfg = _load(config, set_, seed, out, resume)
+        from kanmoe.model.training import train_run
+
+        run_dir = out or Path("runs") / cfg.name
+        try:
+            _, metrics = train_run(cfg, run_dir, resume=resume)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"\ninterrupted: last good checkpoint in {run_dir}/checkpoint.pt; "
+                f"continue with: kanmoe train --out {run_dir} --resume",
+                err=True,
+            )
+            sys.exit(130)
+        t = metrics["test"]
+        typer.echo(
+            f"{run_dir}: test r2={t['r2']:.4f} rmse={t['rmse']:.4f} mae={t['mae']:.4f} "
+            f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s)"
+        )
+
+    @app.command()
+    @one_line_errors
+    def predict(
+        run_dir: Path = typer.Argument(..., help="trained run dir"),
+        input: Path = typer.Option(..., "--input", "-i", help="CSV with the feature columns"),
+        output: Path = typer.Option(..., "--output", "-o", help="CSV to write"),
+    ) -> None:
+        """Batch predictions (and per-expert gate weights) for every row of a CSV."""
+        from kanmoe.model.inference import predict_csv
+
+        n = predict_csv(run_dir, input, output)
+        typer.echo(f"wrote {n} predictions to {output}")
+
+    @app.command()
+    @one_line_errors
+    def tune(
+        config: Path = typer.Option(..., "--config", "-c", help="YAML run config (tune: section)"),
+        trials: int = typer.Option(None, "--trials", "-n", help="number of trials"),
+        storage: str = typer.Option(None, "--storage", help="Optuna storage, sqlite:///study.db"),
+        study_name: str = typer.Option(None, "--study-name", help="study to create or join"),
+        set_: list[str] = typer.Option([], "--set", "-s", help="override a config key"),
+    ) -> None:
+        """Search hyper-parameters with Optuna (TPE, median pruning on val loss)."""
+        cfg = _load(config, set_, None, None, False)
+        from kanmoe.model.tuning import run_study
+
+        study = run_study(
+            cfg, trials=trials, storage=storage, study_name=study_name, echo=typer.echo
+        )
+        best = study.best_trial
+        typer.echo(f"best trial {best.number}: val loss {best.value:.5f}")
+        typer.echo(json.dumps(best.params, indent=2))
+
+    @app.command()
+    @one_line_errors
+    def plot(run_dir: Path = typer.Argument(..., help="trained run dir")) -> None:
+        """Regenerate a run's plots (learning curves, gate weights, KAN functions)."""
+        from kanmoe.model.data import load_dataset
+        from kanmoe.model.plots import write_all_plots
+        from kanmoe.model.run import load_run
+
+        servable = load_run(run_dir)
+        history = _read_history(run_dir / "history.csv")
+        from kanmoe.model.config import validate_config
+
+        data = load_dataset(validate_config(servable.config).data)
+        for path in write_all_plots(run_dir, servable, history, data.x["test"]):
+            typer.echo(str(path))
+
+
+def _read_history(path: Path) -> list[dict]:
+    from kanmoe.errors import RunDirError
+
+    if not path.is_file():
+        raise RunDirError(f"missing {path}")
+    lines = path.read_text().strip().splitlines()
+    cols = lines[0].split(",")
+    return [
+        {
+            c: (int(v) if c == "epoch" else float(v))
+            for c, v in zip(cols, line.split(","), strict=True)
+        }
+        for line in lines[1:]
+    ]

@@ -1,0 +1,140 @@
+"""Config -> ``nn.Module``: MLP, KAN, MoE/KAMoE over MLP/KAN experts, and sequence models.
+
+Tabular models map (B, F) -> (B, n_targets); sequence models map (B, L, F) -> (B, horizon).
+MoE models are ``GatedSequential`` containers so ``forward(x, return_gates=True)`` returns
+the gate weights of every MoE layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import Any
+
+from kanmoe.model.config import ModelConfig
+from torch import nn
+
+_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+def kan_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The KANLinear keyword arguments the config sets, filtered to those KANLinear accepts."""
+    from kanmoe.model.layers import KANLinear
+
+    wanted = {
+        "basis": cfg.basis,
+        "grid_size": cfg.grid_size,
+        "spline_order": cfg.spline_order,
+        "grid_range": tuple(cfg.grid_range),
+        "base_activation": cfg.base_activation,
+        "num_control_points": cfg.num_control_points,
+        "spline_width": cfg.spline_width,
+    }
+    accepted = inspect.signature(KANLinear.__init__).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _mlp(widths: list[int], cfg: ModelConfig, last_linear: bool = True) -> nn.Sequential:
+    """Linear/activation stack over ``widths`` (in, h1, ..., out); no activation after the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2 or not last_linear:
+            layers.append(_ACTIVATIONS[cfg.activation]())
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+    return nn.Sequential(*layers)
+
+
+def _moe_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    gate = cfg.gate or ("grkan" if cfg.kind == "kamoe" else "grn")
+    transform = cfg.input_transform
+    if transform is None:
+        transform = cfg.kind == "kamoe"
+    kw: dict[str, Any] = {
+        "n_experts": cfg.n_experts,
+        "gate": gate,
+        "gating_activation": cfg.gating_activation,
+        "top_k": cfg.top_k,
+        "noisy_gating": cfg.noisy_gating,
+        "input_transform": transform,
+        "gate_input": cfg.gate_input,
+    }
+    if cfg.gate_hidden is not None:
+        kw["gate_hidden"] = cfg.gate_hidden
+    return kw
+
+
+def _make_moe(expert: nn.Module, cfg: ModelConfig, in_features: int, name: str, **extra: Any):
+    from kanmoe.model.moe import MoE
+
+    kw = {**_moe_kwargs(cfg), **extra}
+    if kw["gate"] == "grkan":
+        accepted = inspect.signature(MoE.__init__).parameters
+        if "gate_kan_kwargs" in accepted:
+            kw["gate_kan_kwargs"] = kan_kwargs(cfg)
+    return MoE(expert, in_features=in_features, name=name, **kw)
+
+
+def _tabular(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
+    widths = [n_in, *cfg.hidden, n_out]
+    if cfg.kind == "mlp":
+        return _mlp(widths, cfg)
+    if cfg.kind == "kan":
+        from kanmoe.model.layers import KAN
+
+        return KAN(widths=widths, **kan_kwargs(cfg))
+    from kanmoe.model.moe import GatedSequential
+
+    if cfg.placement == "whole":
+        if cfg.expert == "kan":
+            from kanmoe.model.experts import KANExpert
+
+            expert: nn.Module = KANExpert(widths, **kan_kwargs(cfg))
+        else:
+            expert = _mlp(widths, cfg)
+        return GatedSequential(_make_moe(expert, cfg, n_in, "moe"))
+    # per_layer: the KAMoE notebooks' Sequential([KAMoE(Dense(u)) x n, Dense(1)])
+    modules: list[nn.Module] = []
+    d = n_in
+    for i, h in enumerate(cfg.hidden):
+        if cfg.expert == "kan":
+            from kanmoe.model.layers import KANLinear
+
+            layer: nn.Module = KANLinear(d, h, **kan_kwargs(cfg))
+        else:
+            layer = _mlp([d, h], cfg, last_linear=False)
+        name = "moe" if len(cfg.hidden) == 1 else f"moe_{i}"
+        modules.append(_make_moe(layer, cfg, d, name))
+        d = h
+    modules.append(nn.Linear(d, n_out))
+    return GatedSequential(*modules)
+
+
+def _sequence(cfg: ModelConfig, n_in: int, seq_len: int, n_out: int) -> nn.Module:
+    if cfg.kind in ("mlp", "kan"):
+        flat = _tabular(cfg, n_in * seq_len, n_out)
+        return nn.Sequential(nn.Flatten(start_dim=1), flat)
+    from kanmoe.model.experts import RNNExpert
+    from kanmoe.model.moe import GatedSequential
+
+    modules: list[nn.Module] = []
+    d = n_in
+    for i, h in enumerate(cfg.hidden):
+        keep_time = i < len(cfg.hidden) - 1
+        rnn = RNNExpert(cfg.expert, d, h, return_sequences=keep_time)
+        if i == 0 and cfg.kind in ("moe", "kamoe"):
+            rnn = _make_moe(rnn, cfg, d, "moe", seq_len=seq_len)
+        modules.append(rnn)
+        d = h
+    modules.append(nn.Linear(d, n_out))
+    return GatedSequential(*modules)
+
+
+def build_model(
+    cfg: ModelConfig, n_features: int, n_targets: int, seq_len: int | None = None
+) -> nn.Module:
+    """Build the network for ``n_features`` inputs (per step if ``seq_len``) and ``n_targets``."""
+    if seq_len is None:
+        return _tabular(cfg, n_features, n_targets)
+    return _sequence(cfg, n_features, seq_len, n_targets)

@@ -1,0 +1,229 @@
+"""Run directories: atomic file writes, ``ServableModel`` and ``load_run``.
+
+A finished run dir holds ``config.yaml`` (resolved), ``preprocessing.json``,
+``weights.safetensors`` (the inner network), ``metrics.json``, ``history.csv`` and ``plots/``.
+``ServableModel`` wraps the inner network with the input/target scaling as buffers, so
+``forward`` (and any exported graph) takes raw feature values and returns raw targets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from kanmoe.model.data import Preprocessing
+from torch import Tensor, nn
+
+from kanmoe.errors import RunDirError
+
+REQUIRED_FILES = ("config.yaml", "preprocessing.json", "weights.safetensors")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and ``os.replace`` (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save(path: str | Path, writer) -> None:
+    """Call ``writer(tmp_path)`` then move the result over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_save(path, lambda tmp: save_file(state, tmp))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+def _accepts_return_gates(model: nn.Module) -> bool:
+    try:
+        return "return_gates" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_with_gates(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """(y, {moe_layer: weights}) for any model; ``{}`` when it has no gates."""
+    if not _accepts_return_gates(model):
+        return model(x), {}
+    y, gates = model(x, return_gates=True)
+    if isinstance(gates, dict):
+        return y, gates
+    return y, {str(getattr(model, "name", None) or "moe"): gates}
+
+
+def expert_names_of(model: nn.Module) -> dict[str, list[str]]:
+    try:
+        from kanmoe.model.moe import moe_layers
+    except ImportError:
+        return {}
+    return {name: list(moe.expert_names) for name, moe in moe_layers(model)}
+
+
+class ServableModel(nn.Module):
+    """Raw features in, raw targets and gate weights out.
+
+    forward(x_raw (B, F) or (B, L, F)) -> (y_raw (B, n_targets), {layer: (B, E) or (B, T, E)}).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_names: Sequence[str],
+        target_names: Sequence[str],
+        x_mean: Sequence[float] | Tensor,
+        x_std: Sequence[float] | Tensor,
+        y_mean: Sequence[float] | Tensor,
+        y_std: Sequence[float] | Tensor,
+        target_transform: str = "none",
+        seq_len: int | None = None,
+        metrics: dict | None = None,
+        config: dict | None = None,
+        config_hash: str = "",
+    ) -> None:
+        super().__init__()
+        if target_transform not in ("none", "standardize", "log"):
+            raise ValueError(f"target_transform: unknown {target_transform!r}")
+        self.model = model
+        self.feature_names = list(feature_names)
+        self.target_names = list(target_names)
+        for name, val, n in (
+            ("x_mean", x_mean, len(self.feature_names)),
+            ("x_std", x_std, len(self.feature_names)),
+            ("y_mean", y_mean, len(self.target_names)),
+            ("y_std", y_std, len(self.target_names)),
+        ):
+            t = torch.as_tensor(val, dtype=torch.float32).reshape(-1)
+            if t.numel() != n:
+                raise ValueError(f"{name}: expected {n} values, got {t.numel()}")
+            self.register_buffer(name, t)
+        self.target_transform = target_transform
+        self.log_target = target_transform == "log"
+        self.seq_len = seq_len
+        self.is_sequence = seq_len is not None
+        self.n_features = len(self.feature_names)
+        self.metrics = dict(metrics or {})
+        self.config = dict(config or {})
+        self.config_hash = config_hash
+        self.expert_names = expert_names_of(model)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        z = (x - self.x_mean) / self.x_std
+        out, gates = forward_with_gates(self.model, z)
+        y = out * self.y_std + self.y_mean
+        if self.log_target:
+            y = torch.expm1(y)
+        return y, gates
+
+
+def build_servable(
+    model: nn.Module,
+    feature_names: Sequence[str],
+    target_names: Sequence[str],
+    x_mean: Sequence[float] | Tensor,
+    x_std: Sequence[float] | Tensor,
+    y_mean: Sequence[float] | Tensor,
+    y_std: Sequence[float] | Tensor,
+    **kwargs: Any,
+) -> ServableModel:
+    """Wrap any network in a ``ServableModel`` (tests build one without training)."""
+    return ServableModel(
+        model, feature_names, target_names, x_mean, x_std, y_mean, y_std, **kwargs
+    ).eval()
+
+
+def servable_from_prep(
+    model: nn.Module,
+    prep: Preprocessing,
+    *,
+    seq_len: int | None = None,
+    metrics: dict | None = None,
+    config: dict | None = None,
+    config_hash: str = "",
+) -> ServableModel:
+    return build_servable(
+        model,
+        prep.feature_names,
+        prep.target_names,
+        prep.x_mean,
+        prep.x_std,
+        prep.y_mean,
+        prep.y_std,
+        target_transform=prep.target_transform,
+        seq_len=seq_len,
+        metrics=metrics,
+        config=config,
+        config_hash=config_hash,
+    )
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run dir not found: {run_dir}")
+    for name in REQUIRED_FILES:
+        if not (run_dir / name).is_file():
+            raise RunDirError(f"run dir {run_dir} is incomplete: missing {name} (not trained?)")
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> ServableModel:
+    """Rebuild the ``ServableModel`` from config.yaml + preprocessing.json + weights."""
+    from kanmoe.model.builder import build_model
+    from kanmoe.model.config import validate_config
+
+    run_dir = check_run_dir(run_dir)
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = validate_config(raw, source=str(run_dir / "config.yaml"))
+    prep = Preprocessing.from_json((run_dir / "preprocessing.json").read_text())
+    seq_len = prep.extra.get("lookback") if cfg.data.kind == "sequence" else None
+    model = build_model(cfg.model, len(prep.feature_names), len(prep.target_names), seq_len)
+    load_weights(model, run_dir / "weights.safetensors")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return servable_from_prep(
+        model,
+        prep,
+        seq_len=seq_len,
+        metrics=metrics,
+        config=cfg.to_dict(),
+        config_hash=cfg.config_hash(),
+    )
