@@ -33,7 +33,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_file  # sibling module: the script runs as a file, not as a package
 
-BASELINE = "efficient-kan-style B-spline (baseline)"
+BASELINE_SHORT = "efficient-kan-style B-spline"
+BASELINE = f"{BASELINE_SHORT} (baseline)"
 OUR_BASES = ("bspline", "rbf", "linear")
 
 
@@ -141,6 +142,7 @@ def build_impls(n: int, batch: int, args: argparse.Namespace) -> list[Impl]:
     """Every implementation to time at this size; failures to build become noted rows."""
     factories: list[tuple[str, Callable[[], nn.Module], bool]] = [
         (BASELINE, lambda: EfficientKANStyleLayer(n, n), False),
+        (f"{BASELINE_SHORT} (torch.compile)", lambda: EfficientKANStyleLayer(n, n), True),
         ("nn.Linear (MLP reference)", lambda: nn.Linear(n, n), False),
     ]
     try:
@@ -152,11 +154,8 @@ def build_impls(n: int, batch: int, args: argparse.Namespace) -> list[Impl]:
         impls = []
         for b in OUR_BASES:
             factories.append((f"kanmoe {b}", lambda b=b: KANLinear(n, n, basis=b), False))
-            if args.compile:
-                name = f"kanmoe {b} (torch.compile)"
-                factories.append((name, lambda b=b: KANLinear(n, n, basis=b), True))
-            else:
-                impls.append(Impl(name=f"kanmoe {b} (torch.compile)", note="skipped (no compile)"))
+            name = f"kanmoe {b} (torch.compile)"
+            factories.append((name, lambda b=b: KANLinear(n, n, basis=b), True))
     if batch > args.pykan_max_batch:
         impls.append(
             Impl(
@@ -193,6 +192,9 @@ def build_impls(n: int, batch: int, args: argparse.Namespace) -> list[Impl]:
         factories.append((f"kanditioned KANLayer ({impl}{default})", kd, False))
 
     for name, make, comp in factories:
+        if comp and not args.compile:
+            impls.append(Impl(name=name, note="skipped (--no-compile / --quick)"))
+            continue
         try:
             torch.manual_seed(0)
             module = make()
