@@ -1,0 +1,498 @@
+"""KAN layers: y_q = sum_p [w_base[q,p] b(x_p) + sum_i c[q,p,i] B_i(x_p)] with three bases.
+
+``bspline`` (efficient-kan style, uniform grid), ``rbf`` (per-input Gaussians) and ``linear``
+(KANditioned's C0 lookup spline; it has no base branch because a linear spline with linear
+extrapolation already contains the linear part). Every basis supports ``update_grid``,
+``regularization_loss``, ``lock``/``unlock``, ``prune`` and ``plot``.
+
+Per-input grids: the basis always runs on the constructor's canonical range; after
+``update_grid`` each input is first mapped affinely (buffers ``grid_scale``, ``grid_shift``)
+onto that range with ordinary ops, so the uniform fast formula and the ONNX op with scalar
+attributes still apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.* for export_mode)
+from .splines import bspline_basis, linear_spline_lookup, rbf_basis
+
+BASES = ("bspline", "rbf", "linear")
+INITS = ("random_normal", "identity", "zero")
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+_REG_ROWS = 256  # rows of the last training batch kept for regularization_loss / prune
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _activation(value: str | nn.Module) -> nn.Module:
+    if isinstance(value, nn.Module):
+        return value
+    if value not in _ACTIVATIONS:
+        raise ValueError(
+            f"base_activation must be one of {sorted(_ACTIVATIONS)} or an nn.Module, got {value!r}"
+        )
+    return _ACTIVATIONS[value]()
+
+
+def _ridge_fit(basis: Tensor, target: Tensor) -> Tensor:
+    """Per-input least squares: basis (in, S, M), target (in, S, out) -> coef (in, M, out).
+
+    Normal equations in float64 with a tiny ridge so unsupported bases go to ~0 instead of
+    blowing up (works on CPU and CUDA, unlike the CPU-only rank-revealing lstsq drivers).
+    """
+    a = basis.double()
+    ata = a.transpose(1, 2) @ a
+    ridge = 1e-10 * ata.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    ata = ata + ridge[:, None, None] * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(ata, a.transpose(1, 2) @ target.double()).to(basis.dtype)
+
+
+class KANLinear(nn.Module):
+    """Kolmogorov-Arnold layer, (..., in_features) -> (..., out_features).
+
+    Parameters: ``base_weight`` (out, in) (not for ``linear``); ``spline_weight`` (out, in, M)
+    with M = grid_size + spline_order (bspline) or grid_size + 1 (rbf), times the optional
+    ``spline_scaler`` (out, in); for ``linear``, ``control_points`` (in, N, out) at N uniform
+    positions over [-spline_width/2, spline_width/2].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        basis: str = "bspline",
+        grid_size: int = 5,
+        spline_order: int = 3,
+        grid_range: Sequence[float] = (-1.0, 1.0),
+        base_activation: str | nn.Module = "silu",
+        scale_noise: float = 0.1,
+        scale_base: float = 1.0,
+        scale_spline: float = 1.0,
+        enable_standalone_scale_spline: bool = True,
+        num_control_points: int = 32,
+        spline_width: float = 4.0,
+        init: str = "random_normal",
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        self.basis = basis
+        self.grid_size = _positive_int("grid_size", grid_size)
+        self.spline_order = _positive_int("spline_order", spline_order, minimum=0)
+        if len(grid_range) != 2 or not float(grid_range[0]) < float(grid_range[1]):
+            raise ValueError(f"grid_range must be (low, high) with low < high, got {grid_range!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "identity" and in_features != out_features:
+            raise ValueError(
+                f"init='identity' requires in_features == out_features, got {in_features} != "
+                f"{out_features}"
+            )
+        self.num_control_points = _positive_int("num_control_points", num_control_points, 2)
+        if not spline_width > 0:
+            raise ValueError(f"spline_width must be > 0, got {spline_width!r}")
+        if basis == "linear":
+            self.grid_lo, self.grid_hi = -spline_width / 2.0, spline_width / 2.0
+        else:
+            self.grid_lo, self.grid_hi = float(grid_range[0]), float(grid_range[1])
+        self.spline_width = float(spline_width)
+        self.init = init
+        self.enable_standalone_scale_spline = enable_standalone_scale_spline and basis != "linear"
+
+        n_in, n_out = in_features, out_features
+        self.register_buffer("grid_scale", torch.ones(n_in))
+        self.register_buffer("grid_shift", torch.zeros(n_in))
+        self.register_buffer("edge_mask", torch.ones(n_out, n_in))
+        self.register_buffer("lock_mask", torch.zeros(n_out, n_in, dtype=torch.bool))
+        self._last_x: Tensor | None = None
+
+        if basis == "linear":
+            self.base_activation = None
+            pos = torch.linspace(self.grid_lo, self.grid_hi, num_control_points)
+            slope = self._initial_slopes(init)
+            self.control_points = nn.Parameter(slope.t()[:, None, :] * pos[None, :, None])
+            self.register_buffer("locked_coef", torch.zeros_like(self.control_points))
+        else:
+            self.base_activation = _activation(base_activation)
+            m = self.num_bases
+            self.base_weight = nn.Parameter(torch.empty(n_out, n_in))
+            self.spline_weight = nn.Parameter(torch.empty(n_out, n_in, m))
+            if self.enable_standalone_scale_spline:
+                self.spline_scaler = nn.Parameter(torch.empty(n_out, n_in))
+            self.register_buffer("locked_base", torch.zeros(n_out, n_in))
+            self.register_buffer("locked_coef", torch.zeros(n_out, n_in, m))
+            self._reset_parameters(scale_noise, scale_base, scale_spline)
+        self._flags_from_buffers()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._flags_from_buffers())
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @property
+    def num_bases(self) -> int:
+        """M: bases per edge (G+K for bspline, G+1 for rbf, N control points for linear)."""
+        if self.basis == "bspline":
+            return self.grid_size + self.spline_order
+        if self.basis == "rbf":
+            return self.grid_size + 1
+        return self.num_control_points
+
+    def _initial_slopes(self, init: str) -> Tensor:
+        """(out, in) slopes of the initial straight lines of the linear basis."""
+        if init == "identity":
+            return torch.eye(self.out_features, self.in_features)
+        if init == "zero":
+            return torch.zeros(self.out_features, self.in_features)
+        slope = torch.randn(self.out_features, self.in_features)
+        return slope / slope.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def _reset_parameters(self, scale_noise: float, scale_base: float, scale_spline: float) -> None:
+        """efficient-kan init: kaiming base weights, spline fitted to small noise on the grid."""
+        nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * scale_base)
+        g = self.grid_size
+        pts = torch.linspace(self.grid_lo, self.grid_hi, g + 1)[:, None].expand(
+            -1, self.in_features
+        )
+        noise = (torch.rand(g + 1, self.in_features, self.out_features) - 0.5) * scale_noise / g
+        coef = _ridge_fit(self._dense_basis(pts).transpose(0, 1), noise.transpose(0, 1))
+        factor = 1.0 if self.enable_standalone_scale_spline else scale_spline
+        self.spline_weight.copy_(coef.permute(2, 0, 1) * factor)
+        if self.enable_standalone_scale_spline:
+            nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * scale_spline)
+        if self.init in ("identity", "zero"):
+            # Base branch off, spline = x on the diagonal edges (exact inside the grid for
+            # order >= 1, since B-splines reproduce straight lines), 0 elsewhere.
+            self.base_weight.zero_()
+            self.spline_weight.zero_()
+            if self.enable_standalone_scale_spline:
+                self.spline_scaler.fill_(1.0)
+        if self.init == "identity":
+            pts = torch.linspace(self.grid_lo, self.grid_hi, 4 * (g + self.spline_order) + 1)
+            line = _ridge_fit(self._dense_basis(pts[:, None]).transpose(0, 1), pts[None, :, None])
+            idx = torch.arange(self.in_features)
+            self.spline_weight[idx, idx] = line[0, :, 0]
+
+    def _flags_from_buffers(self) -> None:
+        """Python flags that let the forward skip mask ops when nothing is locked or pruned."""
+        self._any_locked = bool(self.lock_mask.any())
+        self._any_pruned = bool((self.edge_mask != 1).any())
+
+    # ------------------------------------------------------------------ coefficients
+
+    def coefficients(self) -> Tensor:
+        """Effective per-edge coefficients (scaler, locks, prune mask applied).
+
+        (out, in, M) for bspline/rbf, (in, N, out) for linear (the lookup's layout).
+        """
+        if self.basis == "linear":
+            coef = self.control_points
+            if self._any_locked:
+                coef = torch.where(self.lock_mask.t()[:, None, :], self.locked_coef, coef)
+            if self._any_pruned:
+                coef = coef * self.edge_mask.t()[:, None, :]
+            return coef
+        coef = self.spline_weight
+        if self.enable_standalone_scale_spline:
+            coef = coef * self.spline_scaler.unsqueeze(-1)
+        if self._any_locked:
+            coef = torch.where(self.lock_mask.unsqueeze(-1), self.locked_coef, coef)
+        if self._any_pruned:
+            coef = coef * self.edge_mask.unsqueeze(-1)
+        return coef
+
+    def base_weights(self) -> Tensor | None:
+        """Effective (out, in) base-branch weights, None for the linear basis."""
+        if self.basis == "linear":
+            return None
+        w = self.base_weight
+        if self._any_locked:
+            w = torch.where(self.lock_mask, self.locked_base, w)
+        if self._any_pruned:
+            w = w * self.edge_mask
+        return w
+
+    def _coef_oim(self) -> Tensor:
+        coef = self.coefficients()
+        return coef.permute(2, 0, 1) if self.basis == "linear" else coef
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _normalise(self, x2: Tensor) -> Tensor:
+        return x2 * self.grid_scale + self.grid_shift
+
+    def _dense_basis(self, xn: Tensor) -> Tensor:
+        """(S, in) normalised inputs -> (S, in, M) bases, so edge(x) = bases @ coef."""
+        if self.basis == "bspline":
+            return bspline_basis(xn, self.grid_size, self.spline_order, self.grid_lo, self.grid_hi)
+        if self.basis == "rbf":
+            return rbf_basis(xn, self.grid_size + 1, self.grid_lo, self.grid_hi)
+        n = self.num_control_points
+        h = (self.grid_hi - self.grid_lo) / (n - 1)
+        u = (xn - self.grid_lo) / h
+        cell = torch.floor(u).clamp(0, n - 2)
+        t = u - cell
+        out = xn.new_zeros(*xn.shape, n)
+        idx = cell.long().unsqueeze(-1)
+        return out.scatter_add(-1, idx, (1 - t).unsqueeze(-1)).scatter_add(
+            -1, idx + 1, t.unsqueeze(-1)
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, got shape "
+                f"{tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.training and torch.is_grad_enabled():
+            self._last_x = x2[:_REG_ROWS].detach()
+        xn = self._normalise(x2)
+        if self.basis == "linear":
+            y = linear_spline_lookup(xn, self.coefficients(), self.grid_lo, self.grid_hi)
+        else:
+            bases = self._dense_basis(xn)
+            coef = self.coefficients()
+            y = F.linear(self.base_activation(x2), self.base_weights())
+            y = y + F.linear(bases.reshape(x2.shape[0], -1), coef.reshape(self.out_features, -1))
+        return y.reshape(*lead, self.out_features)
+
+    def edge_activations(self, x: Tensor) -> Tensor:
+        """phi_{q,p}(x_p) for every edge: (S, in) -> (S, out, in). Memory S*in*out."""
+        self._check_input(x)
+        x2 = x.reshape(-1, self.in_features)
+        acts = torch.einsum(
+            "sim,oim->soi", self._dense_basis(self._normalise(x2)), self._coef_oim()
+        )
+        if self.basis != "linear":
+            acts = acts + self.base_activation(x2).unsqueeze(1) * self.base_weights()
+        return acts
+
+    def input_domain(self, n_points: int = 200, widen: float = 0.1) -> Tensor:
+        """(n_points, in) raw input values spanning each input's grid, widened by ``widen``."""
+        lo, hi = self.grid_lo, self.grid_hi
+        pad = widen * (hi - lo) / 2
+        xn = torch.linspace(lo - pad, hi + pad, n_points, device=self.grid_scale.device)
+        xn = xn.to(self.grid_scale.dtype)[:, None]
+        return (xn - self.grid_shift) / self.grid_scale
+
+    # ------------------------------------------------------------------ grid update
+
+    @torch.no_grad()
+    def update_grid(self, x: Tensor, margin: float = 0.01) -> None:
+        """Refit each input's grid to [min - margin, max + margin] of ``x`` keeping the function.
+
+        The grid stays uniform per input (an affine map onto the canonical range); the
+        spline coefficients are refitted by least squares to the old edge functions at x.
+        The base branch reads raw x and is unaffected.
+        """
+        self._check_input(x)
+        x2 = x.reshape(-1, self.in_features)
+        old = torch.einsum(
+            "sim,oim->ios", self._dense_basis(self._normalise(x2)), self._coef_oim()
+        ).transpose(1, 2)  # (in, S, out)
+        lo = x2.min(0).values - margin
+        hi = x2.max(0).values + margin
+        span = (hi - lo).clamp_min(1e-6)
+        scale = (self.grid_hi - self.grid_lo) / span
+        self.grid_scale.copy_(scale)
+        self.grid_shift.copy_(self.grid_lo - lo * scale)
+        new_basis = self._dense_basis(self._normalise(x2)).transpose(0, 1)  # (in, S, M)
+        self._set_coef_oim(_ridge_fit(new_basis, old).permute(2, 0, 1))
+
+    def _set_coef_oim(self, coef: Tensor) -> None:
+        """Store effective coefficients (out, in, M) back into the parameters and lock buffer."""
+        if self.basis == "linear":
+            native = coef.permute(1, 2, 0)
+            self.control_points.copy_(native)
+            self.locked_coef.copy_(native)
+            return
+        self.locked_coef.copy_(coef)
+        if self.enable_standalone_scale_spline:
+            s = self.spline_scaler.unsqueeze(-1)
+            safe = torch.where(s.abs() > 1e-12, s, torch.ones_like(s))
+            coef = torch.where(s.abs() > 1e-12, coef / safe, torch.zeros_like(coef))
+        self.spline_weight.copy_(coef)
+
+    # ------------------------------------------------------------------ regularisation
+
+    def _sample_inputs(self, x: Tensor | None) -> Tensor:
+        if x is not None:
+            self._check_input(x)
+            return x.reshape(-1, self.in_features)
+        if self._last_x is not None:
+            return self._last_x
+        return self.input_domain(64)
+
+    def edge_magnitude(self, x: Tensor | None = None) -> Tensor:
+        """(out, in) mean |phi_{q,p}(x_p)| over ``x``, the last training batch, or the grid."""
+        return self.edge_activations(self._sample_inputs(x)).abs().mean(0)
+
+    def regularization_loss(self, l1: float = 1.0, entropy: float = 1.0) -> Tensor:
+        """pykan's L1 + entropy penalty on the mean |activation| of each edge.
+
+        Approximation: the means use at most 256 rows of the last training batch (detached
+        inputs; before any training forward, a uniform sweep of the grid), so the cost does not
+        grow with the batch. Gradients reach the layer's own weights, not earlier layers.
+        """
+        mag = self.edge_magnitude()
+        total = mag.sum()
+        p = mag / (total + 1e-12)
+        ent = -(p * torch.log(p + 1e-12)).sum()
+        return l1 * total + entropy * ent
+
+    # ------------------------------------------------------------------ lock / prune
+
+    def _edge_index(self, in_idx: int | Sequence[int], out_idx: int | Sequence[int] | None):
+        ins = [in_idx] if isinstance(in_idx, int) else list(in_idx)
+        outs = range(self.out_features) if out_idx is None else out_idx
+        outs = [outs] if isinstance(outs, int) else list(outs)
+        for i in ins:
+            if not 0 <= i < self.in_features:
+                raise ValueError(f"in_idx {i} out of range [0, {self.in_features})")
+        for o in outs:
+            if not 0 <= o < self.out_features:
+                raise ValueError(f"out_idx {o} out of range [0, {self.out_features})")
+        return torch.tensor(outs)[:, None], torch.tensor(ins)[None, :]
+
+    @torch.no_grad()
+    def lock(
+        self,
+        in_idx: int | Sequence[int],
+        out_idx: int | Sequence[int] | None = None,
+        fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Freeze edges (out_idx None = every output of ``in_idx``) at their current function.
+
+        With ``fn`` (a torch function of x, e.g. ``torch.sin``) the edge is first refitted to
+        fn over its grid (base weight 0). Locked edges ignore later parameter changes (the
+        forward reads the frozen copy), so optimisers, weight decay and momentum cannot move
+        them; their gradients are zero.
+        """
+        rows, cols = self._edge_index(in_idx, out_idx)
+        coef = self._coef_oim().clone()
+        base = self.base_weights()
+        if fn is not None:
+            xs = self.input_domain(256, widen=0.0)  # (S, in)
+            target = fn(xs).to(xs.dtype).t().unsqueeze(-1)  # (in, S, 1)
+            fitted = _ridge_fit(self._dense_basis(self._normalise(xs)).transpose(0, 1), target)
+            coef[rows, cols] = (
+                fitted[:, :, 0].unsqueeze(0).expand(coef.shape[0], -1, -1)[rows, cols]
+            )
+            if base is not None:
+                base = base.clone()
+                base[rows, cols] = 0.0
+        if self.basis == "linear":
+            self.locked_coef[cols, :, rows] = coef.permute(1, 2, 0)[cols, :, rows]
+        else:
+            self.locked_coef[rows, cols] = coef[rows, cols]
+            self.locked_base[rows, cols] = base[rows, cols]
+        self.lock_mask[rows, cols] = True
+        self._flags_from_buffers()
+
+    @torch.no_grad()
+    def unlock(self, in_idx: int | Sequence[int], out_idx: int | Sequence[int] | None = None):
+        """Let training change these edges again (they restart from the current parameters)."""
+        rows, cols = self._edge_index(in_idx, out_idx)
+        self.lock_mask[rows, cols] = False
+        self._flags_from_buffers()
+
+    @torch.no_grad()
+    def prune(self, threshold: float = 1e-2, x: Tensor | None = None) -> Tensor:
+        """Mask edges with mean |activation| below ``threshold``; returns the (out, in) keep mask.
+
+        Pruning is a mask (the layer keeps its shape; a masked edge contributes exactly 0), so
+        saved weights and exported graphs stay compatible. Nodes go with their edges: an input
+        whose edges are all masked is ignored and an output with no edge left outputs 0
+        (``pruned_inputs()``/``pruned_outputs()`` list them).
+        """
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+        keep = (self.edge_magnitude(x) >= threshold) & (self.edge_mask > 0)
+        self.edge_mask.copy_(keep.to(self.edge_mask.dtype))
+        self._flags_from_buffers()
+        return keep
+
+    def pruned_inputs(self) -> list[int]:
+        """Inputs with no edge left."""
+        return [int(i) for i in torch.nonzero(self.edge_mask.sum(0) == 0).flatten()]
+
+    def pruned_outputs(self) -> list[int]:
+        """Outputs with no edge left."""
+        return [int(i) for i in torch.nonzero(self.edge_mask.sum(1) == 0).flatten()]
+
+    # ------------------------------------------------------------------ plotting
+
+    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs):
+        """Figure of every learned edge function (in x out grid); saved as PNG when ``path``."""
+        from .kan_plot import plot_layer
+
+        return plot_layer(self, path, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, basis={self.basis!r}"
+
+
+class KAN(nn.Module):
+    """Stack of KANLinear layers: widths [d0, d1, ..., dL] -> L layers."""
+
+    def __init__(self, widths: Sequence[int] = (8, 16, 1), **layer_kwargs) -> None:
+        super().__init__()
+        widths = list(widths)
+        if len(widths) < 2:
+            raise ValueError(f"widths needs at least 2 entries (in, out), got {widths!r}")
+        self.widths = widths
+        self.layers = nn.ModuleList(
+            KANLinear(a, b, **layer_kwargs) for a, b in itertools.pairwise(widths)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., widths[0]) -> (..., widths[-1])."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def update_grid(self, x: Tensor, margin: float = 0.01) -> None:
+        """Update each layer's grid on the activations that reach it."""
+        for layer in self.layers:
+            layer.update_grid(x, margin)
+            x = layer(x)
+
+    def regularization_loss(self, l1: float = 1.0, entropy: float = 1.0) -> Tensor:
+        """Sum of the layers' penalties."""
+        return sum(layer.regularization_loss(l1, entropy) for layer in self.layers)
+
+    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs) -> list:
+        """One figure per layer; with ``path`` (a directory) saved as layer_<i>.png."""
+        figs = []
+        for i, layer in enumerate(self.layers):
+            target = None if path is None else os.path.join(path, f"layer_{i}.png")
+            figs.append(layer.plot(target, **kwargs))
+        return figs

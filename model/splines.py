@@ -1,0 +1,269 @@
+"""Pure spline basis functions over the last axis, with fast training paths and an export switch.
+
+Every function maps ``x`` of shape ``(..., in)`` to bases of shape ``(..., in, M)`` (or, for
+the linear lookup, straight to ``(..., out)``). Outside :func:`export_mode` they run fast
+pure-torch / ``autograd.Function`` code; inside it they call the ``torch.ops.kanmoe.*`` custom
+ops (``model/custom_ops.py``) so the ONNX exporter sees one node per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EXPORT_DEPTH = 0
+
+
+@contextlib.contextmanager
+def export_mode() -> Iterator[None]:
+    """Route the basis functions through the ``kanmoe::*`` custom ops (one ONNX node each)."""
+    global _EXPORT_DEPTH
+    from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.*)
+
+    _EXPORT_DEPTH += 1
+    try:
+        yield
+    finally:
+        _EXPORT_DEPTH -= 1
+
+
+def is_exporting() -> bool:
+    """True inside :func:`export_mode`."""
+    return _EXPORT_DEPTH > 0
+
+
+# --------------------------------------------------------------------------- B-splines
+
+
+@lru_cache(maxsize=16)
+def _cardinal_pieces(order: int) -> tuple[tuple[float, ...], ...]:
+    """Power-basis coefficients of the uniform B-spline pieces, shape (order+1 powers, order+1).
+
+    For u in knot cell i with t = u - i, the order+1 non-zero bases are j = i - order + s
+    (s = 0..order) and B_j(u) = sum_d t**d * coef[d][s]. Built from the Cox–de Boor recursion
+    of the cardinal B-spline N_k(s) = (s N_{k-1}(s) + (k+1-s) N_{k-1}(s-1)) / k, piece by piece.
+    """
+    pieces = [np.polynomial.Polynomial([1.0])]  # pieces[r]: N_k on [r, r+1) in local t
+    t = np.polynomial.Polynomial([0.0, 1.0])
+    for k in range(1, order + 1):
+        new = []
+        for r in range(k + 1):
+            p = np.polynomial.Polynomial([0.0])
+            if r < k:
+                p = p + (t + r) * pieces[r]
+            if r >= 1:
+                p = p + (k + 1 - t - r) * pieces[r - 1]
+            new.append(p / k)
+        pieces = new
+    coef = np.zeros((order + 1, order + 1))
+    for s in range(order + 1):
+        c = pieces[order - s].coef
+        coef[: len(c), s] = c
+    return tuple(tuple(float(v) for v in row) for row in coef)
+
+
+def _powers(t: Tensor, n: int) -> Tensor:
+    """(..., n) stack of t**0 .. t**(n-1)."""
+    cols = [torch.ones_like(t)]
+    for _ in range(1, n):
+        cols.append(cols[-1] * t)
+    return torch.stack(cols, dim=-1)
+
+
+def _local_bspline(
+    x: Tensor, grid_size: int, spline_order: int, grid_lo: float, grid_hi: float, derivative: bool
+) -> tuple[Tensor, Tensor]:
+    """Non-zero bases (or their x-derivatives) and their column indices.
+
+    Returns ``vals`` (..., in, K+1) (zero where the column does not exist) and ``cols``
+    (..., in, K+1) int64 indices into the G+K bases (clamped to a valid column).
+    """
+    g, k = grid_size, spline_order
+    h = (grid_hi - grid_lo) / g
+    n_cells = g + 2 * k
+    u = ((x - grid_lo) / h + k).clamp(-1.0, n_cells + 1.0)
+    cell = torch.floor(u)
+    t = u - cell
+    coef = torch.tensor(_cardinal_pieces(k), dtype=x.dtype, device=x.device)
+    if derivative:
+        if k == 0:
+            vals = torch.zeros(*x.shape, 1, dtype=x.dtype, device=x.device)
+        else:
+            dcoef = coef[1:] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)[:, None]
+            vals = (_powers(t, k) @ dcoef) / h
+    else:
+        vals = _powers(t, k + 1) @ coef
+    cols = cell.long().unsqueeze(-1) - k + torch.arange(k + 1, device=x.device)
+    valid = (cols >= 0) & (cols < g + k)
+    vals = vals * valid.to(x.dtype)
+    return vals, cols.clamp(0, g + k - 1)
+
+
+def _bspline_order0(x: Tensor, grid_size: int, grid_lo: float, grid_hi: float) -> Tensor:
+    """Order-0 bases by exact knot comparison (the indicator is discontinuous at knots)."""
+    h = (grid_hi - grid_lo) / grid_size
+    knots = grid_lo + torch.arange(grid_size + 1, dtype=x.dtype, device=x.device) * h
+    xe = x.unsqueeze(-1)
+    return ((xe >= knots[:-1]) & (xe < knots[1:])).to(x.dtype)
+
+
+def bspline_basis_reference(
+    x: Tensor, grid_size: int, spline_order: int, grid_lo: float = -1.0, grid_hi: float = 1.0
+) -> Tensor:
+    """Dense uniform B-spline bases, (..., in) -> (..., in, G+K), by the plain torch ops.
+
+    Differentiable through ordinary autograd; used by the custom op and as the slow path.
+    """
+    if spline_order == 0:
+        return _bspline_order0(x, grid_size, grid_lo, grid_hi)
+    vals, cols = _local_bspline(x, grid_size, spline_order, grid_lo, grid_hi, derivative=False)
+    out = x.new_zeros(*x.shape, grid_size + spline_order)
+    return out.scatter_add(-1, cols, vals)
+
+
+def bspline_basis_grad_x(
+    x: Tensor,
+    grad: Tensor,
+    grid_size: int,
+    spline_order: int,
+    grid_lo: float = -1.0,
+    grid_hi: float = 1.0,
+) -> Tensor:
+    """Vector-Jacobian product d(bases)/dx for ``grad`` (..., in, G+K) -> (..., in).
+
+    Uses dB_{j,K}/dx = (B_{j,K-1} - B_{j+1,K-1}) / h in its polynomial form; differentiable.
+    """
+    if spline_order == 0:
+        return torch.zeros_like(x)
+    dvals, cols = _local_bspline(x, grid_size, spline_order, grid_lo, grid_hi, derivative=True)
+    return (grad.gather(-1, cols) * dvals).sum(-1)
+
+
+class _BSplineFn(torch.autograd.Function):
+    """Forward without a recursion graph; backward recomputes the local derivative from x."""
+
+    @staticmethod
+    def forward(x: Tensor, grid_size: int, spline_order: int, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        return bspline_basis_reference(x, grid_size, spline_order, lo, hi)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, grid_size, spline_order, lo, hi = inputs
+        ctx.save_for_backward(x)
+        ctx.args = (grid_size, spline_order, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return bspline_basis_grad_x(x, grad, *ctx.args), None, None, None, None
+
+
+def bspline_basis(
+    x: Tensor, grid_size: int, spline_order: int, grid_lo: float = -1.0, grid_hi: float = 1.0
+) -> Tensor:
+    """Uniform B-spline bases of order K on G intervals over [lo, hi], extended by K knots.
+
+    Knots t_j = lo + (j - K) h, j = 0..G+2K, h = (hi - lo) / G. Shape (..., in) ->
+    (..., in, G+K); zero outside [t_0, t_{G+2K}). Same values as efficient-kan's ``b_splines``.
+    """
+    grid_lo, grid_hi = float(grid_lo), float(grid_hi)
+    if is_exporting():
+        return torch.ops.kanmoe.bspline_basis(x, grid_size, spline_order, grid_lo, grid_hi)
+    return _BSplineFn.apply(x, grid_size, spline_order, grid_lo, grid_hi)
+
+
+# --------------------------------------------------------------------------- RBF
+
+
+def rbf_basis_reference(
+    x: Tensor, num_centers: int, grid_lo: float = -1.0, grid_hi: float = 1.0
+) -> Tensor:
+    """Gaussian bases exp(-((x - mu_i) / sigma)^2), (..., in) -> (..., in, num_centers)."""
+    sigma = (grid_hi - grid_lo) / (num_centers - 1)
+    mu = torch.linspace(grid_lo, grid_hi, num_centers, dtype=x.dtype, device=x.device)
+    return torch.exp(-(((x.unsqueeze(-1) - mu) / sigma) ** 2))
+
+
+def rbf_basis(x: Tensor, num_centers: int, grid_lo: float = -1.0, grid_hi: float = 1.0) -> Tensor:
+    """Per-input Gaussian radial bases; mu = linspace(lo, hi, n), sigma = (hi - lo) / (n - 1)."""
+    grid_lo, grid_hi = float(grid_lo), float(grid_hi)
+    if is_exporting():
+        return torch.ops.kanmoe.rbf_basis(x, num_centers, grid_lo, grid_hi)
+    return rbf_basis_reference(x, num_centers, grid_lo, grid_hi)
+
+
+# --------------------------------------------------------------------------- linear lookup
+
+
+def _lookup_cells(
+    x: Tensor, n_points: int, grid_lo: float, grid_hi: float
+) -> tuple[Tensor, Tensor]:
+    """Left control-point index (clamped to the first/last segment) and the offset t in it.
+
+    t is not clamped, so t < 0 or t > 1 extrapolates linearly along the end segments.
+    """
+    h = (grid_hi - grid_lo) / (n_points - 1)
+    u = (x - grid_lo) / h
+    cell = torch.floor(u.detach()).clamp(0, n_points - 2)
+    return cell.long(), u - cell
+
+
+def linear_spline_lookup_reference(
+    x: Tensor, control_points: Tensor, grid_lo: float, grid_hi: float
+) -> Tensor:
+    """Gather-and-interpolate reference: (..., in) with (in, N, out) -> (..., out)."""
+    n_in, n_pts, _ = control_points.shape
+    cell, t = _lookup_cells(x, n_pts, grid_lo, grid_hi)
+    p = torch.arange(n_in, device=x.device)
+    left = control_points[p, cell]  # (..., in, out)
+    right = control_points[p, cell + 1]
+    return (left + t.unsqueeze(-1) * (right - left)).sum(-2)
+
+
+def linear_spline_lookup(
+    x: Tensor, control_points: Tensor, grid_lo: float, grid_hi: float
+) -> Tensor:
+    """Uniform linear (C0) spline per edge by index lookup, summed over inputs.
+
+    x (..., in), control_points (in, N, out) at N uniform positions lo..hi -> (..., out).
+    Constant work per input: one cell index, two gathered rows, one interpolation (done as an
+    ``embedding_bag`` with per-sample weights (1 - t, t) over the flattened (in*N, out) table).
+    """
+    grid_lo, grid_hi = float(grid_lo), float(grid_hi)
+    if is_exporting():
+        return torch.ops.kanmoe.linear_spline_lookup(x, control_points, grid_lo, grid_hi)
+    n_in, n_pts, n_out = control_points.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    cell, t = _lookup_cells(x2, n_pts, grid_lo, grid_hi)
+    base = cell + torch.arange(n_in, device=x.device) * n_pts
+    idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * n_in)
+    w = torch.stack((1.0 - t, t), dim=-1).reshape(x2.shape[0], 2 * n_in)
+    y = F.embedding_bag(
+        idx, control_points.reshape(n_in * n_pts, n_out), per_sample_weights=w, mode="sum"
+    )
+    return y.reshape(*lead, n_out)
+
+
+def uniform_positions(n: int, lo: float, hi: float) -> list[float]:
+    """n evenly spaced floats from lo to hi (Python floats, for plots and tests)."""
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [lo]
+
+
+__all__ = [
+    "bspline_basis",
+    "bspline_basis_grad_x",
+    "bspline_basis_reference",
+    "export_mode",
+    "is_exporting",
+    "linear_spline_lookup",
+    "linear_spline_lookup_reference",
+    "rbf_basis",
+    "rbf_basis_reference",
+]
