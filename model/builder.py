@@ -62,7 +62,14 @@ def _moe_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.gate_hidden is not None:
         kw["gate_hidden"] = cfg.gate_hidden
-    return kw
+    optional = {
+        "gate_dropout": cfg.gate_dropout,
+        "load_balance_weight": cfg.load_balance_weight,
+        "z_loss_weight": cfg.z_loss_weight,
+    }
+    if gate == "grkan":
+        optional["kan_activations"] = tuple(cfg.gate_kan_activations)
+    return kw | optional
 
 
 def _make_moe(expert: nn.Module, cfg: ModelConfig, in_features: int, name: str, **extra: Any):
@@ -70,10 +77,13 @@ def _make_moe(expert: nn.Module, cfg: ModelConfig, in_features: int, name: str, 
 
     kw = {**_moe_kwargs(cfg), **extra}
     if kw["gate"] == "grkan":
-        accepted = inspect.signature(MoE.__init__).parameters
-        if "gate_kan_kwargs" in accepted:
-            kw["gate_kan_kwargs"] = kan_kwargs(cfg)
-    return MoE(expert, in_features=in_features, name=name, **kw)
+        gate_kw = kan_kwargs(cfg)
+        gate_kw.pop("base_activation", None)  # the gate sets its own (gate_kan_activations)
+        kw["gate_kan_kwargs"] = gate_kw
+    accepted = inspect.signature(MoE.__init__).parameters
+    return MoE(
+        expert, in_features=in_features, name=name, **{k: v for k, v in kw.items() if k in accepted}
+    )
 
 
 def _tabular(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,7 +98,11 @@ class ModelConfig(_Strict):
     top_k: int | None = Field(None, ge=1)
     noisy_gating: bool = False
     input_transform: bool | None = None  # None: on for kamoe, off for moe
-    gate_hidden: int | None = Field(None, ge=1)
+    gate_hidden: int | None = Field(None, ge=1)  # gate pre-projection width (MoE default 32)
+    gate_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    gate_kan_activations: tuple[str, str] = ("silu", "elu")  # GRKAN (paper); Keras: elu, relu
+    load_balance_weight: float | None = Field(None, ge=0.0)  # None: 0.01 with top_k, else 0
+    z_loss_weight: float = Field(0.0, ge=0.0)
     gate_input: Literal["auto", "last", "flatten", "all"] = "auto"
 
     @model_validator(mode="after")
@@ -192,7 +197,7 @@ class RunConfig(_Strict):
 def _dotted(loc: tuple[Any, ...]) -> str:
     # Discriminated unions add the tag ("tabular") to the location; drop it.
     parts = [str(p) for p in loc if p not in ("tabular", "sequence")]
-    return ".".join(parts) or "<root>"
+    return ".".join(parts)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
@@ -204,8 +209,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         else:
             value = err.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            msgs.append(f"'{key}': {err['msg']}{shown}")
+            msgs.append(f"'{key}': {err['msg']}{shown}" if key else err["msg"])
     return f"invalid config {source}: " + "; ".join(msgs)
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -220,6 +228,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     return parts, value
 
 

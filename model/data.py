@@ -214,7 +214,7 @@ def load_sequence(cfg: SequenceData) -> Dataset:
     tgt_col = features.index(cfg.target) if cfg.target in features else None
     wins: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     tgts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    train_rows = []
+    train_rows, train_targets = [], []
     for _, block in _series_blocks(df, cfg):
         x = block[features].to_numpy(dtype=np.float64)
         t = block[[cfg.target]].to_numpy(dtype=np.float64)
@@ -228,6 +228,7 @@ def load_sequence(cfg: SequenceData) -> Dataset:
         b = int(np.floor(n * (1 - cfg.test_size)))
         a = int(np.floor(b * (1 - cfg.val_size)))
         train_rows.append(x[:a])
+        train_targets.append(t[:a])
         # window ending at step e (inclusive) predicts t[e+1 .. e+h]
         ends = np.arange(lookback - 1, n - h)
         if len(ends) == 0:
@@ -257,7 +258,7 @@ def load_sequence(cfg: SequenceData) -> Dataset:
     if tgt_col is not None:
         y_mean, y_std = np.full(h, x_mean[tgt_col]), np.full(h, x_std[tgt_col])
     else:
-        m, s = _fit_scaling(ys["train"].reshape(-1, 1), how)
+        m, s = _fit_scaling(np.concatenate(train_targets), how)
         y_mean, y_std = np.full(h, m[0]), np.full(h, s[0])
     prep = Preprocessing(
         feature_names=features,
