@@ -73,6 +73,10 @@ class GatedResidualGate(nn.Module):
     ``h = ReLU(Linear(in, d)(x))``; ``skip = Linear(d, E)(h)``;
     ``u = dropout(layer2(layer1(h)))``; ``g = Linear(d, E)(u) * sigmoid(Linear(d, E)(u))``;
     logits ``= LayerNorm(skip + g)``. Shapes ``(..., in) -> (..., E)``.
+
+    The LayerNorm over the E logits (as in the reference) fixes their mean and spread: with
+    E = 2 it outputs ±1 (a step function with ~zero gradient), so ``layer_norm=False``
+    replaces it by the identity for such cases.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class GatedResidualGate(nn.Module):
         layer1: nn.Module,
         layer2: nn.Module,
         dropout: float = 0.0,
+        layer_norm: bool = True,
     ) -> None:
         super().__init__()
         self.pre = nn.Linear(in_features, hidden)
@@ -92,7 +97,7 @@ class GatedResidualGate(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.glu_value = nn.Linear(hidden, n_experts)
         self.glu_gate = nn.Linear(hidden, n_experts)
-        self.norm = nn.LayerNorm(n_experts)
+        self.norm = nn.LayerNorm(n_experts) if layer_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.pre(x))
@@ -111,9 +116,11 @@ class GRNGate(GatedResidualGate):
         hidden: int = 32,
         dropout: float = 0.0,
         activation: str | nn.Module = "elu",
+        layer_norm: bool = True,
     ) -> None:
         layer1 = nn.Sequential(nn.Linear(hidden, hidden), make_activation(activation))
-        super().__init__(in_features, n_experts, hidden, layer1, nn.Linear(hidden, hidden), dropout)
+        layer2 = nn.Linear(hidden, hidden)
+        super().__init__(in_features, n_experts, hidden, layer1, layer2, dropout, layer_norm)
 
 
 class GRKANGate(GatedResidualGate):
@@ -132,6 +139,7 @@ class GRKANGate(GatedResidualGate):
         dropout: float = 0.0,
         kan_activations: tuple[str | nn.Module, str | nn.Module] = ("silu", "elu"),
         kan_kwargs: Mapping[str, Any] | None = None,
+        layer_norm: bool = True,
     ) -> None:
         from kanmoe.model.layers import KANLinear
 
@@ -144,7 +152,7 @@ class GRKANGate(GatedResidualGate):
             make_activation(act, argument=f"kan_activations[{i}]")  # validate the name early
         layer1 = KANLinear(hidden, hidden, base_activation=kan_activations[0], **kw)
         layer2 = KANLinear(hidden, hidden, base_activation=kan_activations[1], **kw)
-        super().__init__(in_features, n_experts, hidden, layer1, layer2, dropout)
+        super().__init__(in_features, n_experts, hidden, layer1, layer2, dropout, layer_norm)
 
 
 def build_gate(

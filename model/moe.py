@@ -29,18 +29,40 @@ def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def reinitialise(module: nn.Module) -> None:
-    """Call ``reset_parameters()`` on every submodule that has one (fresh random init).
+def _reset(module: nn.Module) -> bool:
+    """Re-run ``module``'s own initialisation; False when it has none we know of."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+        return True
+    from kanmoe.model.layers import KANLinear
 
-    Warns when some parameters belong to modules without ``reset_parameters``: those stay
-    identical across experts (pass a factory instead of a module to avoid that).
+    if isinstance(module, KANLinear) and module.basis != "linear":
+        # KANLinear keeps its init private; re-run it with the constructor's default scales.
+        module._reset_parameters(
+            getattr(module, "scale_noise", 0.1),
+            getattr(module, "scale_base", 1.0),
+            getattr(module, "scale_spline", 1.0),
+        )
+        return True
+    if isinstance(module, KANLinear):
+        positions = torch.linspace(module.grid_lo, module.grid_hi, module.num_control_points)
+        with torch.no_grad():
+            slopes = module._initial_slopes(module.init).to(module.control_points)
+            module.control_points.copy_(slopes.t()[:, None, :] * positions[None, :, None])
+        return True
+    return False
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Fresh random init of every submodule (``reset_parameters()``, KANLinear's init).
+
+    Warns when some parameters belong to modules without a known init: those stay
+    identical across experts (pass a zero-argument factory instead to avoid that).
     """
     untouched = []
     for mod_name, mod in module.named_modules():
-        reset = getattr(mod, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        else:
+        if not _reset(mod):
             untouched += [
                 f"{mod_name}.{p}".lstrip(".") for p, _ in mod.named_parameters(recurse=False)
             ]
@@ -107,7 +129,9 @@ class MoE(nn.Module):
             (the whole window, needs ``seq_len``) or ``"all"`` (x as is; per-step gating).
         in_features: size of the input's last axis (inferred from the expert if omitted).
         seq_len: window length T for sequence inputs ``(B, T, F)``.
-        gate_hidden: width d of the gate's pre-projection (GRN/GRKAN).
+        gate_hidden: width d of the gate's pre-projection (GRN/GRKAN), default 32.
+        gate_dropout: dropout inside the GRN/GRKAN block.
+        gate_layer_norm: the LayerNorm over the logits of GRN/GRKAN (the reference's).
         gate_kan_kwargs: ``KANLinear`` options of the GRKAN gate (grid_size, basis...).
         kan_activations: base activations of the two GRKAN layers (paper: silu, elu).
 
@@ -130,6 +154,7 @@ class MoE(nn.Module):
         seq_len: int | None = None,
         gate_hidden: int | None = None,
         gate_dropout: float = 0.0,
+        gate_layer_norm: bool = True,
         gate_kan_kwargs: dict[str, Any] | None = None,
         kan_activations: tuple[str, str] = ("silu", "elu"),
         load_balance_weight: float | None = None,
@@ -222,6 +247,14 @@ class MoE(nn.Module):
             gate_kwargs = {"kan_activations": tuple(kan_activations), "kan_kwargs": gate_kan_kwargs}
         elif gate_kan_kwargs:
             raise ValueError(f"gate_kan_kwargs only applies to gate='grkan', not {gate!r}")
+        if gate != "linear":
+            gate_kwargs["layer_norm"] = gate_layer_norm
+            if gate_layer_norm and n_experts == 2:
+                warnings.warn(
+                    f"gate={gate!r} with n_experts=2: the LayerNorm over two logits outputs "
+                    "±1 and passes almost no gradient; use gate_layer_norm=False or 3+ experts",
+                    stacklevel=2,
+                )
         self.gate = build_gate(
             gate, gate_in, n_experts, gate_hidden or 32, gate_dropout, **gate_kwargs
         )
