@@ -105,6 +105,21 @@ class ModelConfig(_Strict):
     z_loss_weight: float = Field(0.0, ge=0.0)
     gate_input: Literal["auto", "last", "flatten", "all"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        """Write the kind-dependent defaults into the config so config.yaml shows them."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "kamoe")
+        if kind in ("moe", "kamoe"):
+            data = dict(data)
+            if data.get("gate") is None:
+                data["gate"] = "grkan" if kind == "kamoe" else "grn"
+            if data.get("input_transform") is None:
+                data["input_transform"] = kind == "kamoe"
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.top_k is not None and self.top_k > self.n_experts:

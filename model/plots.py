@@ -20,7 +20,7 @@ from torch import nn
 
 def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
 
@@ -30,6 +30,7 @@ def learning_curves(history: list[dict], path: str | Path) -> Path:
     fig, (ax, ax_lr) = plt.subplots(
         2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
+    fig.subplots_adjust(hspace=0.08)
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
@@ -83,9 +84,37 @@ def gate_kan_layer(model: nn.Module) -> nn.Module | None:
     return _first_kan(gate) if gate is not None else None
 
 
-def kan_functions(layer: nn.Module, path: str | Path) -> Path:
-    """Every learned 1-D function of ``layer`` via its own ``plot()``."""
-    fig = layer.plot()
+def kan_functions(
+    layer: nn.Module, path: str | Path, max_in: int = 8, max_out: int = 8, title: str = ""
+) -> Path:
+    """Learned edge functions phi_{q,p}: one panel per input p, one curve per output q.
+
+    A compact view (first ``max_in`` inputs, first ``max_out`` outputs) instead of one panel
+    per edge: a 32x32 gate layer would be 1,024 panels, slow to draw and unreadable.
+    ``layer.plot()`` gives the full edge grid when wanted.
+    """
+    import torch
+
+    n_in = min(layer.in_features, max_in)
+    n_out = min(layer.out_features, max_out)
+    with torch.no_grad():
+        xs = layer.input_domain(120)  # (points, in) raw input values over each grid
+        acts = layer.edge_activations(xs)  # (points, out, in)
+    cols = min(4, n_in)
+    rows = (n_in + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for p in range(rows * cols):
+        ax = axes[p // cols][p % cols]
+        if p >= n_in:
+            ax.axis("off")
+            continue
+        for q in range(n_out):
+            ax.plot(xs[:, p].numpy(), acts[:, q, p].numpy(), lw=1.0, label=f"y{q}")
+        ax.set_title(f"input x{p}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=5, ncol=2)
+    shown = f"first {n_in} of {layer.in_features} inputs, {n_out} of {layer.out_features} outputs"
+    fig.suptitle(f"{title or 'KAN'} learned functions ({shown})", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -105,11 +134,13 @@ def write_all_plots(
     try:
         gate_kan = gate_kan_layer(model)
         if gate_kan is not None:
-            written.append(kan_functions(gate_kan, plots / "gate_kan_functions.png"))
+            path = plots / "gate_kan_functions.png"
+            written.append(kan_functions(gate_kan, path, title="GRKAN gate layer 1"))
         elif servable.config.get("model", {}).get("kind") == "kan":
             first = _first_kan(model)
             if first is not None:
-                written.append(kan_functions(first, plots / "kan_functions.png"))
+                path = plots / "kan_functions.png"
+                written.append(kan_functions(first, path, title="KAN layer 1"))
     except ImportError:
         pass
     return written
