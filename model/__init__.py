@@ -12,3 +12,23 @@ __all__ = [
     "linear_spline_lookup",
     "rbf_basis",
 ]
+
+# Mixture of experts (MOE engineer)
+from .experts import KANExpert, MLPExpert, RNNExpert
+from .gates import GRKANGate, GRNGate, LinearGate, Router
+from .moe import GatedSequential, KAMoE, MoE, moe_layers, total_aux_loss
+
+__all__ += [
+    "GRKANGate",
+    "GRNGate",
+    "GatedSequential",
+    "KAMoE",
+    "KANExpert",
+    "LinearGate",
+    "MLPExpert",
+    "MoE",
+    "RNNExpert",
+    "Router",
+    "moe_layers",
+    "total_aux_loss",
+]
