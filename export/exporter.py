@@ -1,0 +1,167 @@
+"""``ServableModel`` -> ``onnx.ModelProto`` with ai.kanmoe spline nodes and their bodies.
+
+Route (see ``notes/onnx_custom_op_facts.md``): inside ``kanmoe.model.splines.export_mode()``
+the layers call ``torch.ops.kanmoe.*``; ``torch.onnx.export(dynamo=True)`` maps each call to
+one ``ai.kanmoe`` node via :func:`kanmoe.export.onnx_ops.translation_table`; the exporter
+drops functions, so the FunctionProto bodies are attached to the returned proto afterwards.
+
+Graph contract: input ``input`` float32 ``[batch, n_features]`` (``[batch, seq, n_features]``
+for sequence models), outputs ``output`` ``[batch, n_targets]`` and one gate output per MoE
+layer (``gate_weights`` for a single layer, else ``gate_weights_<layer>``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import onnx
+from kanmoe.export import onnx_ops
+
+from kanmoe.errors import ExportError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+GATE_PREFIX = "gate_weights"
+
+
+def gate_output_names(layers: list[str]) -> dict[str, str]:
+    """Map MoE layer name -> ONNX output name (``gate_weights`` when there is one layer)."""
+    if len(layers) == 1:
+        return {layers[0]: GATE_PREFIX}
+    names: dict[str, str] = {}
+    for layer in layers:
+        name = f"{GATE_PREFIX}_{re.sub(r'[^0-9A-Za-z_]', '_', layer)}"
+        if name in names.values():
+            raise ExportError(f"two MoE layers map to the same output name {name!r}")
+        names[layer] = name
+    return names
+
+
+def metadata_of(servable: Any, gate_outputs: Mapping[str, str]) -> dict[str, str]:
+    """The ``metadata_props`` written into the model (all values are strings; JSON if nested)."""
+    from kanmoe import __version__
+
+    return {
+        "feature_names": json.dumps(list(servable.feature_names)),
+        "target_names": json.dumps(list(servable.target_names)),
+        "expert_names": json.dumps({k: list(v) for k, v in servable.expert_names.items()}),
+        "gate_outputs": json.dumps(dict(gate_outputs)),
+        "kanmoe_version": __version__,
+        "metrics": json.dumps(servable.metrics, default=float),
+        "config_hash": str(servable.config_hash),
+        "is_sequence": json.dumps(bool(servable.is_sequence)),
+        "seq_len": json.dumps(servable.seq_len),
+    }
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """Inverse of :func:`metadata_of`: JSON values decoded, version and hash left as strings."""
+    out: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if prop.key in ("kanmoe_version", "config_hash"):
+            out[prop.key] = prop.value
+        else:
+            out[prop.key] = json.loads(prop.value)
+    return out
+
+
+def _example_input(servable: Any, batch: int = 2):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    if servable.is_sequence:
+        shape = (batch, int(servable.seq_len), servable.n_features)
+    else:
+        shape = (batch, servable.n_features)
+    return torch.randn(*shape, generator=gen) * servable.x_std + servable.x_mean
+
+
+def _torch_export(wrapper, example, output_names: list[str], dynamic_seq: bool):
+    import torch
+    from torch.export import Dim
+
+    dims = {0: Dim("batch")}
+    if dynamic_seq:
+        dims[1] = Dim("seq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            custom_translation_table=onnx_ops.translation_table(),
+            dynamic_shapes=(dims,),
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            verbose=False,
+        )
+    return prog.model_proto  # a new copy on every access: keep and edit this one
+
+
+def export_model(servable: Any, layout: str = "knots_first") -> onnx.ModelProto:
+    """Export a ``ServableModel`` to a self-contained ``onnx.ModelProto`` (IR 10, opset 20).
+
+    Sequence models get a dynamic ``seq`` axis when the network allows it, else the
+    training window length. Raises :class:`ExportError` if the exporter fails or the result
+    misses a function body.
+    """
+    import torch
+    from kanmoe.model.splines import export_mode
+
+    servable = servable.eval()
+    example = _example_input(servable)
+    with torch.no_grad():
+        _, gates = servable(example)
+    layers = list(gates)
+    gate_outputs = gate_output_names(layers)
+    output_names = [OUTPUT_NAME, *gate_outputs.values()]
+
+    class _Flat(torch.nn.Module):
+        """Tuple outputs in a fixed order: (y, gate of layer 0, gate of layer 1, ...)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y, g = self.inner(x)
+            return (y, *(g[name] for name in layers))
+
+    wrapper = _Flat(servable).eval()
+    errors = []
+    for dynamic_seq in (True, False) if servable.is_sequence else (False,):
+        try:
+            with export_mode(), torch.no_grad():
+                model = _torch_export(wrapper, example, output_names, dynamic_seq)
+            break
+        except Exception as exc:  # torch raises many types; report them as one
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    else:
+        raise ExportError(f"torch.onnx.export failed: {'; '.join(errors)}")
+    finish_model(model, metadata_of(servable, gate_outputs), layout=layout)
+    return model
+
+
+def finish_model(
+    model: onnx.ModelProto, metadata: Mapping[str, str], layout: str = "knots_first"
+) -> onnx.ModelProto:
+    """Attach function bodies, pin IR, set metadata and check the proto (in place)."""
+    onnx_ops.attach_functions(model, layout=layout)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(metadata))
+    model.producer_name = "kanmoe"
+    if not onnx_ops.kanmoe_nodes(model):
+        warnings.warn("exported graph has no ai.kanmoe nodes (no spline layers?)", stacklevel=2)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx_ops.check_functions(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ExportError(f"exported model is invalid: {exc}") from exc
+    names = [i.name for i in model.graph.input]
+    if names != [INPUT_NAME]:
+        raise ExportError(f"exported graph inputs are {names}, expected [{INPUT_NAME!r}]")
+    return model

@@ -1,0 +1,202 @@
+"""Triton-style model repository writer: ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/N/``.
+
+Layout written for one export::
+
+    REPO/NAME/config.pbtxt        platform onnxruntime_onnx, inputs/outputs, dynamic batching
+    REPO/NAME/N/model.onnx        the self-contained model (ai.kanmoe functions attached)
+    REPO/NAME/N/kanmoe.json       feature/target/expert names, metrics, version, config hash
+
+Everything is built in a temporary directory beside the target and moved in with renames,
+so a failed export leaves nothing behind and readers never see a half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from kanmoe.export.exporter import read_metadata
+
+from kanmoe.errors import ExportError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_MAX_BATCH_SIZE = 1024
+DEFAULT_QUEUE_DELAY_US = 1000
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int]:
+    """Dims without the batch axis; -1 for dynamic ones (Triton convention)."""
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims][1:]
+
+
+def config_pbtxt(model: onnx.ModelProto, name: str, max_batch_size: int) -> str:
+    """Triton ``config.pbtxt`` text for the model (batch axis implied by max_batch_size)."""
+
+    def tensor(v: onnx.ValueInfoProto) -> str:
+        dims = ", ".join(str(d) for d in _dims(v))
+        return f'  {{\n    name: "{v.name}"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}'
+
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise ExportError(f"tensor {v.name!r} is not float32; the repository expects FP32")
+    inputs = ",\n".join(tensor(v) for v in model.graph.input)
+    outputs = ",\n".join(tensor(v) for v in model.graph.output)
+    return (
+        f'name: "{name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"input [\n{inputs}\n]\n"
+        f"output [\n{outputs}\n]\n"
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {DEFAULT_QUEUE_DELAY_US}\n"
+        "}\n"
+    )
+
+
+def model_info(model: onnx.ModelProto, name: str, version: int) -> dict[str, Any]:
+    """The ``kanmoe.json`` sidecar: the model's metadata plus the tensor names and shapes."""
+    info: dict[str, Any] = {"name": name, "version": version, **read_metadata(model)}
+    info["inputs"] = {v.name: _dims(v) for v in model.graph.input}
+    info["outputs"] = {v.name: _dims(v) for v in model.graph.output}
+    return info
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    model_dir: Path
+    version: int
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.version_dir / "model.onnx"
+
+
+def _check_target(repository: Path, name: str, version: int | None) -> None:
+    if not NAME_RE.match(name):
+        raise ExportError(f"--name {name!r}: use letters, digits, '_', '-', '.' only")
+    if version is not None and (isinstance(version, bool) or int(version) < 1):
+        raise ExportError(f"--version must be a positive integer, got {version!r}")
+    if repository.exists() and not repository.is_dir():
+        raise ExportError(f"--repository {repository} exists and is not a directory")
+
+
+def write_repository_entry(
+    model: onnx.ModelProto,
+    repository: str | Path,
+    name: str,
+    version: int | None = None,
+    force: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> WrittenModel:
+    """Write ``model`` as ``repository/name/version``; ``version=None`` means next free one.
+
+    An existing version is an error unless ``force``, which replaces it. ``config.pbtxt`` is
+    rewritten to describe the new model.
+    """
+    repository = Path(repository)
+    _check_target(repository, name, version)
+    model_dir = repository / name
+    versions = existing_versions(model_dir)
+    version = int(version) if version is not None else (versions[-1] + 1 if versions else 1)
+    target = model_dir / str(version)
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists (pass --force to replace it)")
+    repository.mkdir(parents=True, exist_ok=True)
+    created_repo_dir = not model_dir.exists()
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
+    trash: Path | None = None
+    try:
+        (stage / str(version)).mkdir()
+        onnx.save_model(model, stage / str(version) / "model.onnx")
+        info = json.dumps(model_info(model, name, version), indent=2, default=str)
+        (stage / str(version) / "kanmoe.json").write_text(info + "\n")
+        (stage / "config.pbtxt").write_text(config_pbtxt(model, name, max_batch_size))
+        if created_repo_dir:
+            os.rename(stage, model_dir)  # one rename publishes the whole model
+            return WrittenModel(model_dir, version)
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repository))
+            os.rename(target, trash / str(version))
+        os.rename(stage / str(version), target)
+        os.replace(stage / "config.pbtxt", model_dir / "config.pbtxt")
+        return WrittenModel(model_dir, version)
+    except BaseException:
+        if trash is not None and (trash / str(version)).exists() and not target.exists():
+            os.rename(trash / str(version), target)  # put the old version back
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _real_inputs(servable: Any, rows: int = 256):
+    """Up to ``rows`` real feature rows for tabular models whose features are in the shipped CSV."""
+    if servable.is_sequence:
+        return None
+    try:
+        import pandas as pd
+
+        from kanmoe.paths import CALIFORNIA_HOUSING_CSV
+
+        frame = pd.read_csv(CALIFORNIA_HOUSING_CSV, nrows=rows)
+    except (ImportError, OSError):
+        return None
+    if not set(servable.feature_names) <= set(frame.columns):
+        return None
+    return frame[list(servable.feature_names)].to_numpy(dtype="float32")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    written: WrittenModel
+    report: Any  # kanmoe.export.verify.VerifyReport or None
+
+
+def export_run(
+    run_dir: str | Path,
+    repository: str | Path,
+    name: str,
+    version: int | None = None,
+    check: bool = False,
+    force: bool = False,
+) -> ExportResult:
+    """Load a trained run, export it, optionally verify parity, then write the repository entry.
+
+    Nothing is written unless every earlier step succeeded.
+    """
+    from kanmoe.export.exporter import export_model
+    from kanmoe.model.run import load_run
+
+    repository = Path(repository)
+    _check_target(repository, name, version)
+    target = repository / name / str(version)
+    if version is not None and target.exists() and not force:
+        raise ExportError(f"{target} already exists (pass --force to replace it)")
+    servable = load_run(run_dir)
+    model = export_model(servable)
+    report = None
+    if check:
+        from kanmoe.export.verify import verify_model
+
+        report = verify_model(servable, model, real_inputs=_real_inputs(servable))
+    written = write_repository_entry(model, repository, name, version=version, force=force)
+    return ExportResult(written, report)
