@@ -138,6 +138,21 @@ def test_sequence_expert_keeping_time_is_gated_per_step():
         torch.testing.assert_close(weights.sum(-1), torch.ones(5, 7))
 
 
+def test_per_step_gating_mixes_each_step_with_its_own_weights():
+    moe = KAMoE(RNNExpert("gru", 3, 5, return_sequences=True), n_experts=3)
+    x = torch.randn(4, 6, 3)
+    torch.testing.assert_close(moe(x), _manual_mixture(moe, x))
+
+
+def test_window_gate_on_expert_keeping_time_weights_every_step_alike():
+    moe = MoE(RNNExpert("lstm", 3, 5, return_sequences=True), n_experts=3, gate_input="last")
+    x = torch.randn(4, 6, 3)
+    y, weights = moe(x, return_gates=True)
+    assert y.shape == (4, 6, 5) and weights.shape == (4, 3)
+    expected = sum(weights[:, None, i : i + 1] * e(x) for i, e in enumerate(moe.experts))
+    torch.testing.assert_close(y, expected)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_sequence_expert_dropping_time_gates_on_last_step(cell):
     moe = MoE(RNNExpert(cell, 3, 8), n_experts=4)
