@@ -119,9 +119,7 @@ def bench_model(label: str, servable, args) -> list[str]:
         runners["torch.compile"] = torch_runner(torch.compile(servable, dynamic=True))
     runners["ORT (shipped bodies; knots-first B-spline)"] = ort_runner(model, args.threads)
     if any(n.op_type == onnx_ops.OP_BSPLINE for n in onnx_ops.kanmoe_nodes(model)):
-        runners["ORT, rows-first B-spline body (alternative)"] = ort_runner(
-            rows_first, args.threads
-        )
+        runners["ORT, rows-first B-spline (alt.)"] = ort_runner(rows_first, args.threads)
     rng = np.random.default_rng(0)
     n_feat = servable.n_features
     mean = servable.x_mean.numpy()
