@@ -12,102 +12,22 @@ traces/exports statically.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from kanmoe.model.experts import (
+    build_experts,
+    first_output,
+    has_rnn,
+    infer_in_features,
+    probe_output_shape,
+)
 from kanmoe.model.gates import GATE_TYPES, GATING_ACTIVATIONS, Router, build_gate
 from torch import Tensor, nn
 
 GATE_INPUTS = ("auto", "last", "flatten", "all")
-
-
-def _first(out: Any) -> Tensor:
-    """Experts returning a tuple (``nn.GRU``, ``nn.LSTM``) contribute their first element."""
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _reset(module: nn.Module) -> bool:
-    """Re-run ``module``'s own initialisation; False when it has none we know of."""
-    reset = getattr(module, "reset_parameters", None)
-    if callable(reset):
-        reset()
-        return True
-    from kanmoe.model.layers import KANLinear
-
-    if isinstance(module, KANLinear) and module.basis != "linear":
-        # KANLinear keeps its init private; re-run it with the constructor's default scales.
-        module._reset_parameters(
-            getattr(module, "scale_noise", 0.1),
-            getattr(module, "scale_base", 1.0),
-            getattr(module, "scale_spline", 1.0),
-        )
-        return True
-    if isinstance(module, KANLinear):
-        positions = torch.linspace(module.grid_lo, module.grid_hi, module.num_control_points)
-        with torch.no_grad():
-            slopes = module._initial_slopes(module.init).to(module.control_points)
-            module.control_points.copy_(slopes.t()[:, None, :] * positions[None, :, None])
-        return True
-    return False
-
-
-def reinitialise(module: nn.Module) -> None:
-    """Fresh random init of every submodule (``reset_parameters()``, KANLinear's init).
-
-    Warns when some parameters belong to modules without a known init: those stay
-    identical across experts (pass a zero-argument factory instead to avoid that).
-    """
-    untouched = []
-    for mod_name, mod in module.named_modules():
-        if not _reset(mod):
-            untouched += [
-                f"{mod_name}.{p}".lstrip(".") for p, _ in mod.named_parameters(recurse=False)
-            ]
-    if untouched:
-        warnings.warn(
-            f"expert parameters {untouched[:5]} have no reset_parameters(); they start "
-            "identical in every expert (pass a zero-argument factory to avoid this)",
-            stacklevel=3,
-        )
-
-
-def _infer_in_features(module: nn.Module) -> int | None:
-    """Input width of the first submodule that declares ``in_features`` or ``input_size``."""
-    for mod in module.modules():
-        for attr in ("in_features", "input_size"):
-            value = getattr(mod, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
-
-
-def _has_rnn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.RNNBase) for m in module.modules())
-
-
-@torch.no_grad()
-def _probe(expert: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Output shape of ``expert`` on zeros of ``shape`` (eval mode, RNG and stats untouched)."""
-    param = next((p for p in expert.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.get_default_dtype()
-    device = param.device if param is not None else None
-    modes = {m: m.training for m in expert.modules()}
-    expert.eval()
-    try:
-        out = _first(expert(torch.zeros(shape, dtype=dtype, device=device)))
-    except Exception as exc:  # any failure means we guessed the input shape wrongly
-        raise ValueError(
-            f"could not run the expert on a dummy input of shape {shape}: {exc}. "
-            "Pass in_features (the size of the input's last axis) and, for sequence "
-            "inputs (B, T, F), seq_len."
-        ) from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return tuple(out.shape)
 
 
 class MoE(nn.Module):
@@ -193,10 +113,10 @@ class MoE(nn.Module):
                     f"expert_names must be {n_experts} unique names, got {list(expert_names)!r}"
                 )
 
-        self.experts = nn.ModuleList(self._build_experts(expert, n_experts))
+        self.experts = nn.ModuleList(build_experts(expert, n_experts))
         first = self.experts[0]
         if in_features is None:
-            in_features = _infer_in_features(first)
+            in_features = infer_in_features(first)
             if in_features is None:
                 raise ValueError(
                     "cannot infer in_features from the expert; pass in_features= "
@@ -206,23 +126,23 @@ class MoE(nn.Module):
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
 
         # Keras rules, decided once from the expert's output rank on a dummy input.
-        has_rnn = _has_rnn(first)
-        is_sequence = seq_len is not None or has_rnn or gate_input in ("last", "flatten")
+        rnn_inside = has_rnn(first)
+        is_sequence = seq_len is not None or rnn_inside or gate_input in ("last", "flatten")
         if gate_input == "flatten" and seq_len is None:
             raise ValueError("gate_input='flatten' needs seq_len (the window length T)")
         if is_sequence:
-            out_shape = _probe(first, (2, seq_len or 2, in_features))
+            out_shape = probe_output_shape(first, (2, seq_len or 2, in_features))
             keeps_time = len(out_shape) == 3
             if len(out_shape) not in (2, 3):
                 raise ValueError(
                     f"expert maps (B, T, F) to rank {len(out_shape)}; expected (B, T, O) or (B, O)"
                 )
         else:
-            out_shape = _probe(first, (2, in_features))
+            out_shape = probe_output_shape(first, (2, in_features))
             keeps_time = True
         resolved = gate_input
         if gate_input == "auto":
-            resolved = "all" if keeps_time else ("last" if has_rnn else "flatten")
+            resolved = "all" if keeps_time else ("last" if rnn_inside else "flatten")
         if resolved == "all" and not keeps_time:
             raise ValueError(
                 "gate_input='all' cannot gate an expert that drops the time axis "
@@ -275,24 +195,6 @@ class MoE(nn.Module):
             self.register_parameter("input_weight", None)
         self.aux_loss: Tensor = torch.zeros(())
 
-    @staticmethod
-    def _build_experts(
-        expert: nn.Module | Callable[[], nn.Module], n_experts: int
-    ) -> list[nn.Module]:
-        if isinstance(expert, nn.Module):
-            experts = [copy.deepcopy(expert) for _ in range(n_experts)]
-            for e in experts:
-                reinitialise(e)
-            return experts
-        if callable(expert):
-            experts = [expert() for _ in range(n_experts)]
-            if not all(isinstance(e, nn.Module) for e in experts):
-                raise ValueError("expert factory must return an nn.Module")
-            return experts
-        raise ValueError(
-            f"expert must be an nn.Module or a zero-argument factory, got {type(expert)!r}"
-        )
-
     def reset_parameters(self) -> None:
         """Reset the input transform to ones (sub-modules reset themselves)."""
         if self.input_weight is not None:
@@ -318,7 +220,7 @@ class MoE(nn.Module):
         weights, aux = self.router(gate_x, self.gate(gate_x))
         if aux is not None:  # training only; eval/export forward mutates nothing
             self.aux_loss = aux
-        outs = torch.stack([_first(e(x)) for e in self.experts], dim=-1)  # (..., O, E)
+        outs = torch.stack([first_output(e(x)) for e in self.experts], dim=-1)  # (..., O, E)
         w = weights
         for _ in range(outs.dim() - weights.dim()):  # (B, [T,] E) -> (B, [T,] 1.., E)
             w = w.unsqueeze(-2)
