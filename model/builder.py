@@ -64,6 +64,7 @@ def _moe_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         kw["gate_hidden"] = cfg.gate_hidden
     optional = {
         "gate_dropout": cfg.gate_dropout,
+        "gate_layer_norm": cfg.gate_layer_norm,
         "load_balance_weight": cfg.load_balance_weight,
         "z_loss_weight": cfg.z_loss_weight,
     }

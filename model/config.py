@@ -100,6 +100,7 @@ class ModelConfig(_Strict):
     input_transform: bool | None = None  # None: on for kamoe, off for moe
     gate_hidden: int | None = Field(None, ge=1)  # gate pre-projection width (MoE default 32)
     gate_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    gate_layer_norm: bool = True  # LayerNorm on the gate logits (reference GRN/GRKAN block)
     gate_kan_activations: tuple[str, str] = ("silu", "elu")  # GRKAN (paper); Keras: elu, relu
     load_balance_weight: float | None = Field(None, ge=0.0)  # None: 0.01 with top_k, else 0
     z_loss_weight: float = Field(0.0, ge=0.0)
@@ -188,6 +189,17 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_data_kind(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("data"), dict)
+            and "kind" not in data["data"]
+        ):
+            data = {**data, "data": {"kind": "tabular", **data["data"]}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
