@@ -36,6 +36,7 @@ class TabularData(_Strict):
     split_seed: int = 42
     max_rows: int | None = Field(None, gt=10)
     input_transform: Literal["standardize", "none"] = "standardize"
+    input_clip: float | None = Field(None, gt=0.0)  # clamp scaled inputs to [-c, c]
     target_transform: Literal["none", "standardize", "log"] = "standardize"
 
     @model_validator(mode="before")
@@ -138,7 +139,8 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(8192, ge=1)
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
-    scheduler: Literal["plateau", "cosine", "none"] = "plateau"
+    scheduler: Literal["plateau", "cosine", "onecycle", "none"] = "plateau"
+    onecycle_pct_start: float = Field(0.3, gt=0.0, lt=1.0)
     plateau_factor: float = Field(0.25, gt=0.0, lt=1.0)
     plateau_patience: int = Field(5, ge=0)
     min_lr: float = Field(2.5e-5, ge=0.0)

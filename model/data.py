@@ -35,10 +35,14 @@ class Preprocessing:
     y_std: list[float]
     target_transform: str = "none"
     input_transform: str = "standardize"
+    input_clip: float | None = None
     extra: dict = field(default_factory=dict)
 
     def scale_x(self, x: np.ndarray) -> np.ndarray:
-        return ((x - np.asarray(self.x_mean)) / np.asarray(self.x_std)).astype(np.float32)
+        z = (x - np.asarray(self.x_mean)) / np.asarray(self.x_std)
+        if self.input_clip is not None:
+            z = np.clip(z, -self.input_clip, self.input_clip)
+        return z.astype(np.float32)
 
     def scale_y(self, y: np.ndarray) -> np.ndarray:
         t = np.log1p(y) if self.target_transform == "log" else y
@@ -175,6 +179,7 @@ def load_tabular(cfg: TabularData) -> Dataset:
         y_std=y_std.tolist(),
         target_transform=cfg.target_transform,
         input_transform=cfg.input_transform,
+        input_clip=cfg.input_clip,
     )
     return Dataset(x=xs, y=ys, prep=prep)
 

@@ -118,6 +118,7 @@ class ServableModel(nn.Module):
         metrics: dict | None = None,
         config: dict | None = None,
         config_hash: str = "",
+        input_clip: float | None = None,
     ) -> None:
         super().__init__()
         if target_transform not in ("none", "standardize", "log"):
@@ -137,6 +138,7 @@ class ServableModel(nn.Module):
             self.register_buffer(name, t)
         self.target_transform = target_transform
         self.log_target = target_transform == "log"
+        self.input_clip = None if input_clip is None else float(input_clip)
         self.seq_len = seq_len
         self.is_sequence = seq_len is not None
         self.n_features = len(self.feature_names)
@@ -147,6 +149,8 @@ class ServableModel(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z = (x - self.x_mean) / self.x_std
+        if self.input_clip is not None:
+            z = torch.clamp(z, -self.input_clip, self.input_clip)
         out, gates = forward_with_gates(self.model, z)
         y = out * self.y_std + self.y_mean
         if self.log_target:
@@ -188,6 +192,7 @@ def servable_from_prep(
         prep.y_mean,
         prep.y_std,
         target_transform=prep.target_transform,
+        input_clip=prep.input_clip,
         seq_len=seq_len,
         metrics=metrics,
         config=config,

@@ -107,9 +107,11 @@ class Trainer:
         seed: int = 0,
         run_dir: str | Path | None = None,
         callbacks: Sequence[EpochCallback] = (),
+        steps_per_epoch: int = 1,
     ) -> None:
         self.model = model
         self.cfg = cfg
+        self.steps_per_epoch = max(1, steps_per_epoch)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         self.loss_fn = _loss_fn(cfg.loss)
@@ -126,6 +128,14 @@ class Trainer:
         if c.scheduler == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.opt, factor=c.plateau_factor, patience=c.plateau_patience, min_lr=c.min_lr
+            )
+        if c.scheduler == "onecycle":  # stepped per batch
+            return torch.optim.lr_scheduler.OneCycleLR(
+                self.opt,
+                max_lr=c.lr,
+                total_steps=c.epochs * self.steps_per_epoch + 1,
+                pct_start=c.onecycle_pct_start,
+                final_div_factor=max(1.0, c.lr / max(c.min_lr, 1e-12) / 25.0),
             )
         if c.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -197,11 +207,15 @@ class Trainer:
             if c.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.opt.step()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+                self.scheduler.step()
             total += float(data_loss.detach()) * len(idx)
             n += len(idx)
         return total / max(1, n)
 
     def _warmup_lr(self, epoch: int) -> None:
+        if self.cfg.scheduler == "onecycle":
+            return  # OneCycle has its own warm-up
         if self.cfg.warmup_epochs and epoch < self.cfg.warmup_epochs:
             for group in self.opt.param_groups:
                 group["lr"] = self.cfg.lr * (epoch + 1) / self.cfg.warmup_epochs
@@ -234,7 +248,10 @@ class Trainer:
                 lr = self.opt.param_groups[0]["lr"]
                 if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.scheduler.step(val_loss)
-                elif self.scheduler is not None and epoch >= c.warmup_epochs:
+                elif (
+                    isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+                    and epoch >= c.warmup_epochs
+                ):
                     self.scheduler.step()
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
                 r.history.append(row)
@@ -334,7 +351,10 @@ def train_run(
         ckpt.unlink(missing_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_text(out / "preprocessing.json", prep.to_json())
-    trainer = Trainer(model, cfg.train, seed=cfg.seed, run_dir=out, callbacks=callbacks)
+    steps = math.ceil(len(tensors["train"][0]) / cfg.train.batch_size)
+    trainer = Trainer(
+        model, cfg.train, seed=cfg.seed, run_dir=out, callbacks=callbacks, steps_per_epoch=steps
+    )
     if resume:
         trainer.load_checkpoint(ckpt)
     result = trainer.fit(*tensors["train"], *tensors["val"])

@@ -82,7 +82,10 @@ def run_study(
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        trainer = Trainer(model, trial_cfg.train, seed=trial_cfg.seed, callbacks=[report])
+        steps = -(-len(xt) // trial_cfg.train.batch_size)
+        trainer = Trainer(
+            model, trial_cfg.train, seed=trial_cfg.seed, callbacks=[report], steps_per_epoch=steps
+        )
         result = trainer.fit(xt, yt, xv, yv)
         echo(
             f"trial {trial.number}: best val loss {result.best_val:.5f} "
