@@ -31,6 +31,15 @@ DEFAULT_MAX_BATCH_SIZE = 1024
 DEFAULT_QUEUE_DELAY_US = 1000
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def _dims(value_info: onnx.ValueInfoProto) -> list[int]:
     """Dims without the batch axis; -1 for dynamic ones (Triton convention)."""
     dims = value_info.type.tensor_type.shape.dim
@@ -122,6 +131,7 @@ def write_repository_entry(
     repository.mkdir(parents=True, exist_ok=True)
     created_repo_dir = not model_dir.exists()
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
+    os.chmod(stage, _DIR_MODE)  # mkdtemp makes 0700; servers often run as another user
     trash: Path | None = None
     try:
         (stage / str(version)).mkdir()

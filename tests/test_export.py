@@ -258,6 +258,9 @@ def test_repository_entry_layout(tmp_path, exports):
     _, servable, model = exports("two_moe_mlp_linear_lookup")
     written = write_repository_entry(model, tmp_path, "demo", version=None)
     assert written.version == 1
+    (tmp_path.parent / f"{tmp_path.name}_plain").mkdir()  # what a plain mkdir gives here
+    plain_mode = (tmp_path.parent / f"{tmp_path.name}_plain").stat().st_mode & 0o777
+    assert (tmp_path / "demo").stat().st_mode & 0o777 == plain_mode  # not mkdtemp's 0700
     cfg = (tmp_path / "demo" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in cfg and "max_batch_size: 1024" in cfg
     assert 'name: "input"' in cfg and "dims: [ 5 ]" in cfg and "TYPE_FP32" in cfg
