@@ -9,6 +9,7 @@ ops (``model/custom_ops.py``) so the ONNX exporter sees one node per call.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -68,6 +69,10 @@ def _cardinal_pieces(order: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in coef)
 
 
+# Precomputed so torch.compile sees plain constants instead of tracing numpy.
+_PIECES = tuple(_cardinal_pieces(k) for k in range(9))
+
+
 def _powers(t: Tensor, n: int) -> Tensor:
     """(..., n) stack of t**0 .. t**(n-1)."""
     cols = [torch.ones_like(t)]
@@ -90,7 +95,8 @@ def _local_bspline(
     u = ((x - grid_lo) / h + k).clamp(-1.0, n_cells + 1.0)
     cell = torch.floor(u)
     t = u - cell
-    coef = torch.tensor(_cardinal_pieces(k), dtype=x.dtype, device=x.device)
+    pieces = _PIECES[k] if k < len(_PIECES) else _cardinal_pieces(k)
+    coef = torch.tensor(pieces, dtype=x.dtype, device=x.device)
     if derivative:
         if k == 0:
             vals = torch.zeros(*x.shape, 1, dtype=x.dtype, device=x.device)
@@ -226,6 +232,79 @@ def linear_spline_lookup_reference(
     return (left + t.unsqueeze(-1) * (right - left)).sum(-2)
 
 
+def _lookup_flat(x2: Tensor, n_pts: int, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, in) -> left cell (B, in) int64, offset t (B, in), and slope-row key p*(N-1)+cell."""
+    cell, t = _lookup_cells(x2, n_pts, lo, hi)
+    key = cell + torch.arange(x2.shape[1], device=x2.device) * (n_pts - 1)
+    return cell, t, key
+
+
+class _LinearLookupFn(torch.autograd.Function):
+    """embedding_bag forward; sparse backward without the slow per-sample-weight kernel.
+
+    grad_x[b, p] = g[b] . slope[p, cell] is a sampled dense-dense product (``sampled_addmm``
+    on a CSR pattern whose rows are already sorted); grad_table is a segment sum of g over the
+    samples that hit each cell (one sort of the B*in cell keys, then two ``embedding_bag``).
+    """
+
+    @staticmethod
+    def forward(x2: Tensor, table: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        n_in, n_pts, n_out = table.shape
+        cell, t, _ = _lookup_flat(x2, n_pts, lo, hi)
+        base = cell + torch.arange(n_in, device=x2.device) * n_pts
+        idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * n_in)
+        w = torch.stack((1.0 - t, t), dim=-1).reshape(x2.shape[0], 2 * n_in)
+        flat = table.reshape(n_in * n_pts, n_out)
+        return F.embedding_bag(idx, flat, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x2, table, lo, hi = inputs
+        ctx.save_for_backward(x2, table)
+        ctx.args = (lo, hi)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x2, table = ctx.saved_tensors
+        lo, hi = ctx.args
+        n_in, n_pts, n_out = table.shape
+        n_b = x2.shape[0]
+        g = g.contiguous()
+        cell, t, key = _lookup_flat(x2, n_pts, lo, hi)
+        grad_x = grad_table = None
+        if ctx.needs_input_grad[0]:
+            h = (hi - lo) / (n_pts - 1)
+            slope = ((table[:, 1:] - table[:, :-1]) / h).reshape(n_in * (n_pts - 1), n_out)
+            crow = torch.arange(0, n_b * n_in + 1, n_in, device=x2.device)
+            with warnings.catch_warnings():  # "sparse CSR is beta" is noise here
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(
+                    crow,
+                    key.reshape(-1),
+                    g.new_zeros(n_b * n_in),
+                    size=(n_b, slope.shape[0]),
+                    check_invariants=False,
+                )
+            prod = torch.sparse.sampled_addmm(pattern, g, slope.t(), beta=0.0)
+            grad_x = prod.values().reshape(n_b, n_in)
+        if ctx.needs_input_grad[1]:
+            # row index of the left control point in the flattened (in*N, out) table
+            row = (cell + torch.arange(n_in, device=x2.device) * n_pts).reshape(-1)
+            order = torch.argsort(row)
+            sample = torch.div(order, n_in, rounding_mode="floor")
+            tf = t.reshape(-1)[order]
+            n_rows = n_in * n_pts
+            grad_table = None
+            for shift, weight in ((0, 1.0 - tf), (1, tf)):
+                counts = torch.bincount(row + shift, minlength=n_rows)
+                offsets = torch.cumsum(counts, 0) - counts
+                part = F.embedding_bag(sample, g, offsets, mode="sum", per_sample_weights=weight)
+                grad_table = part if grad_table is None else grad_table.add_(part)
+            grad_table = grad_table.reshape(n_in, n_pts, n_out)
+        return grad_x, grad_table, None, None
+
+
 def linear_spline_lookup(
     x: Tensor, control_points: Tensor, grid_lo: float, grid_hi: float
 ) -> Tensor:
@@ -238,16 +317,9 @@ def linear_spline_lookup(
     grid_lo, grid_hi = float(grid_lo), float(grid_hi)
     if is_exporting():
         return torch.ops.kanmoe.linear_spline_lookup(x, control_points, grid_lo, grid_hi)
-    n_in, n_pts, n_out = control_points.shape
+    n_in, _, n_out = control_points.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
-    cell, t = _lookup_cells(x2, n_pts, grid_lo, grid_hi)
-    base = cell + torch.arange(n_in, device=x.device) * n_pts
-    idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * n_in)
-    w = torch.stack((1.0 - t, t), dim=-1).reshape(x2.shape[0], 2 * n_in)
-    y = F.embedding_bag(
-        idx, control_points.reshape(n_in * n_pts, n_out), per_sample_weights=w, mode="sum"
-    )
+    y = _LinearLookupFn.apply(x.reshape(-1, n_in), control_points, grid_lo, grid_hi)
     return y.reshape(*lead, n_out)
 
 
