@@ -362,6 +362,26 @@ def target_checks(results: dict[int, list[Impl]]) -> list[str]:
     return out
 
 
+def git_line() -> str:
+    """Commit the numbers belong to, and whether model/ had uncommitted edits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "model", "kanmoe"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head or 'unknown'}" + (" (model/ or kanmoe/ had uncommitted edits)" if dirty else "")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 4096], help="batch sizes")
@@ -416,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## KAN layers: in = out = {args.features}, CPU, float32",
         "",
         f"- Machine: {results_file.machine_line()}",
-        f"- torch {torch.__version__}, `torch.set_num_threads({args.threads})`",
+        f"- torch {torch.__version__}, `torch.set_num_threads({args.threads})`, git {git_line()}",
         f"- Command: `{command}` (what `make bench-kan` runs); "
         f"took {time.perf_counter() - started:.0f} s",
         f"- Load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f}"
