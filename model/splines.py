@@ -73,12 +73,15 @@ def _cardinal_pieces(order: int) -> tuple[tuple[float, ...], ...]:
 _PIECES = tuple(_cardinal_pieces(k) for k in range(9))
 
 
-def _powers(t: Tensor, n: int) -> Tensor:
-    """(..., n) stack of t**0 .. t**(n-1)."""
-    cols = [torch.ones_like(t)]
-    for _ in range(1, n):
-        cols.append(cols[-1] * t)
-    return torch.stack(cols, dim=-1)
+def _horner(t: Tensor, coef: Tensor) -> Tensor:
+    """sum_d t**d * coef[d] for every column at once: t (...,), coef (D, C) -> (..., C)."""
+    te = t.unsqueeze(-1)
+    if coef.shape[0] == 1:
+        return coef[0].expand(*t.shape, coef.shape[1]).clone()
+    acc = torch.addcmul(coef[-2], te, coef[-1])
+    for d in range(coef.shape[0] - 3, -1, -1):
+        acc = torch.addcmul(coef[d], acc, te)
+    return acc
 
 
 def _local_bspline(
@@ -87,12 +90,13 @@ def _local_bspline(
     """Non-zero bases (or their x-derivatives) and their column indices.
 
     Returns ``vals`` (..., in, K+1) (zero where the column does not exist) and ``cols``
-    (..., in, K+1) int64 indices into the G+K bases (clamped to a valid column).
+    (..., in, K+1) int64 indices into the G+K bases (clamped to a valid column). Per-cell
+    column and validity tables turn the edge handling into two small gathers.
     """
     g, k = grid_size, spline_order
     h = (grid_hi - grid_lo) / g
     n_cells = g + 2 * k
-    u = ((x - grid_lo) / h + k).clamp(-1.0, n_cells + 1.0)
+    u = torch.clamp(x * (1.0 / h) + (k - grid_lo / h), -1.0, n_cells + 1.0)
     cell = torch.floor(u)
     t = u - cell
     pieces = _PIECES[k] if k < len(_PIECES) else _cardinal_pieces(k)
@@ -102,13 +106,16 @@ def _local_bspline(
             vals = torch.zeros(*x.shape, 1, dtype=x.dtype, device=x.device)
         else:
             dcoef = coef[1:] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)[:, None]
-            vals = (_powers(t, k) @ dcoef) / h
+            vals = _horner(t, dcoef / h)
     else:
-        vals = _powers(t, k + 1) @ coef
-    cols = cell.long().unsqueeze(-1) - k + torch.arange(k + 1, device=x.device)
-    valid = (cols >= 0) & (cols < g + k)
-    vals = vals * valid.to(x.dtype)
-    return vals, cols.clamp(0, g + k - 1)
+        vals = _horner(t, coef)
+    # table row r <-> cell r - 1 (cells -1 .. n_cells + 1)
+    table_cols = torch.arange(-1, n_cells + 2, device=x.device)[:, None] - k
+    table_cols = table_cols + torch.arange(k + 1, device=x.device)
+    valid = ((table_cols >= 0) & (table_cols < g + k)).to(x.dtype)
+    idx = (cell + 1).long()
+    vals = vals * F.embedding(idx, valid)
+    return vals, F.embedding(idx, table_cols.clamp(0, g + k - 1))
 
 
 def _bspline_order0(x: Tensor, grid_size: int, grid_lo: float, grid_hi: float) -> Tensor:
@@ -152,22 +159,34 @@ def bspline_basis_grad_x(
 
 
 class _BSplineFn(torch.autograd.Function):
-    """Forward without a recursion graph; backward recomputes the local derivative from x."""
+    """Forward without a recursion graph; saves the K+1 local derivatives for the backward.
+
+    First-order backward is one gather; under ``create_graph`` it recomputes the derivative
+    from x with differentiable ops (so double backward works too).
+    """
 
     @staticmethod
-    def forward(x: Tensor, grid_size: int, spline_order: int, lo: float, hi: float) -> Tensor:  # type: ignore[override]
-        return bspline_basis_reference(x, grid_size, spline_order, lo, hi)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, grid_size, spline_order, lo, hi = inputs
-        ctx.save_for_backward(x)
+    def forward(ctx, x: Tensor, grid_size: int, spline_order: int, lo: float, hi: float):  # type: ignore[override]
         ctx.args = (grid_size, spline_order, lo, hi)
+        if spline_order == 0:
+            ctx.save_for_backward(x)
+            return _bspline_order0(x, grid_size, lo, hi)
+        vals, cols = _local_bspline(x, grid_size, spline_order, lo, hi, derivative=False)
+        out = x.new_zeros(*x.shape, grid_size + spline_order).scatter_add_(-1, cols, vals)
+        if ctx.needs_input_grad[0]:
+            dvals, _ = _local_bspline(x, grid_size, spline_order, lo, hi, derivative=True)
+            ctx.save_for_backward(x, cols, dvals)
+        else:
+            ctx.save_for_backward(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return bspline_basis_grad_x(x, grad, *ctx.args), None, None, None, None
+        saved = ctx.saved_tensors
+        if len(saved) == 1 or torch.is_grad_enabled():
+            return bspline_basis_grad_x(saved[0], grad, *ctx.args), None, None, None, None
+        _, cols, dvals = saved
+        return (grad.gather(-1, cols) * dvals).sum(-1), None, None, None, None
 
 
 def bspline_basis(
