@@ -2,8 +2,9 @@
 
 Models: the default California KAMoE (``default_run/`` if present, else an untrained model
 of the default config's shape) and one ``KANLinear`` 64->64 per basis. Implementations:
-torch eager, ``torch.compile``, ORT with the knots-first B-spline body (what the exporter
-ships) and ORT with the rows-first body (efficient-kan's layout, for comparison).
+torch eager, ``torch.compile``, ORT with the function bodies the exporter ships (knots-first
+B-spline, value/slope lookup) and ORT with alternative body layouts for comparison
+(rows-first B-spline as in efficient-kan; hat-matmul and two-gather lookups).
 Implementations are interleaved round by round so machine noise hits all of them alike;
 the table gives median microseconds per row and the speed-up over torch eager.
 
@@ -117,9 +118,16 @@ def bench_model(label: str, servable, args) -> list[str]:
     runners: dict[str, Callable] = {"torch eager": torch_runner(servable)}
     if not args.no_compile:
         runners["torch.compile"] = torch_runner(torch.compile(servable, dynamic=True))
-    runners["ORT (shipped bodies; knots-first B-spline)"] = ort_runner(model, args.threads)
-    if any(n.op_type == onnx_ops.OP_BSPLINE for n in onnx_ops.kanmoe_nodes(model)):
+    runners["ORT (shipped function bodies)"] = ort_runner(model, args.threads)
+    used = {n.op_type for n in onnx_ops.kanmoe_nodes(model)}
+    if onnx_ops.OP_BSPLINE in used:
         runners["ORT, rows-first B-spline (alt.)"] = ort_runner(rows_first, args.threads)
+    if onnx_ops.OP_LOOKUP in used:
+        for alt in onnx_ops.LOOKUP_LAYOUTS[1:]:
+            variant = onnx.ModelProto()
+            variant.CopyFrom(model)
+            onnx_ops.attach_functions(variant, lookup_layout=alt)
+            runners[f"ORT, {alt} lookup (alt.)"] = ort_runner(variant, args.threads)
     rng = np.random.default_rng(0)
     n_feat = servable.n_features
     mean = servable.x_mean.numpy()

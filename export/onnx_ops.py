@@ -48,6 +48,7 @@ OP_RBF = "RBFBasis"
 OP_LOOKUP = "LinearSplineLookup"
 OP_TYPES = (OP_BSPLINE, OP_RBF, OP_LOOKUP)
 BSPLINE_LAYOUTS = ("knots_first", "rows_first")
+LOOKUP_LAYOUTS = ("value_slope", "hat_matmul", "gather")
 
 _T = [("T", ["tensor(float)", "tensor(double)"], "float32 or float64")]
 _ATTR = OpSchema.Attribute
@@ -150,6 +151,9 @@ class _Body:
         """``x[start:end]`` along axis 0 (end may be negative; 2**62 means 'to the end')."""
         return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(0))
 
+    def slice_axis(self, x: str, start: int, end: int, axis: int) -> str:
+        return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(axis))
+
     def slice_last(self, x: str, start: int, end: int) -> str:
         return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(-1))
 
@@ -250,13 +254,23 @@ def rbf_function() -> FunctionProto:
     return _function(OP_RBF, ["X"], ["num_centers", "grid_lo", "grid_hi"], b, y, "")
 
 
-def lookup_function() -> FunctionProto:
-    """FunctionProto for ``LinearSplineLookup``: two Gathers per input, lerp, sum over inputs.
+def lookup_function(layout: str = "value_slope") -> FunctionProto:
+    """FunctionProto for ``LinearSplineLookup`` (y = sum over inputs of a linear interpolant).
 
-    Position ``u = (x - lo) / (hi - lo) * (N - 1)``; segment ``i = clip(floor(u), 0, N - 2)``;
-    ``y = sum_p c[p, i] + (u - i) * (c[p, i + 1] - c[p, i])`` (``u - i`` outside [0, 1]
-    extrapolates the first/last segment).
+    Position ``u = (x - lo) / (hi - lo) * (N - 1)``, segment ``i = clip(floor(u), 0, N - 2)``,
+    ``y = sum_p c[p, i] + (u - i) * (c[p, i + 1] - c[p, i])`` (so the end segments extrapolate).
+
+    Layouts (all exact to float rounding; the benchmark compares them):
+
+    - ``"value_slope"`` (shipped): one Gather from a ``(I*N, 2*O)`` table of
+      ``[c[p, i], c[p, i+1] - c[p, i]]`` (built from C; ORT constant-folds it when C is an
+      initializer), then one batched MatMul with the weights ``[1, u - i]``.
+    - ``"hat_matmul"``: hat weights ``relu(1 - |clip(u, 0, N-1) - j|)`` over the N points,
+      one MatMul with the ``(I*N, O)`` table, plus end-segment slopes times the overshoot.
+    - ``"gather"``: two Gathers of ``(rows, I, O)`` and a lerp (the textbook form).
     """
+    if layout not in LOOKUP_LAYOUTS:
+        raise ValueError(f"layout must be one of {LOOKUP_LAYOUTS}, got {layout!r}")
     b = _Body()
     lo, hi = _grid_scalars(b, "X")
     x_shape = b("Shape", "X")
@@ -267,15 +281,56 @@ def lookup_function() -> FunctionProto:
     n_seg = b("CastLike", b("Sub", n_pts, b.scalar_i64(1)), "X")
     u = b("Mul", b("Div", b("Sub", x, lo), b("Sub", hi, lo)), n_seg)  # (R, I)
     zero = b("CastLike", b("Constant", value_float=0.0), "X")
-    seg = b("Clip", b("Floor", u), zero, b("Sub", n_seg, b("CastLike", b.scalar_i64(1), "X")))
-    frac = b("Unsqueeze", b("Sub", u, seg), b.const_i64(-1))  # (R, I, 1)
-    row = b("Mul", b("Range", b.scalar_i64(0), n_in, b.scalar_i64(1)), n_pts)  # (I,)
-    flat_idx = b("Add", b("Cast", seg, to=TensorProto.INT64), row)  # (R, I)
+    one = b("CastLike", b("Constant", value_float=1.0), "X")
     table = b("Reshape", "C", b("Concat", b.const_i64(-1), b.slice_last(c_shape, 2, 3), axis=0))
-    c0 = b("Gather", table, flat_idx, axis=0)  # (R, I, O)
-    c1 = b("Gather", table, b("Add", flat_idx, b.scalar_i64(1)), axis=0)
-    val = b("Add", c0, b("Mul", frac, b("Sub", c1, c0)))
-    y = b("ReduceSum", val, b.const_i64(1), keepdims=0)  # (R, O)
+    if layout == "gather":
+        seg = b("Clip", b("Floor", u), zero, b("Sub", n_seg, one))
+        frac = b("Unsqueeze", b("Sub", u, seg), b.const_i64(-1))  # (R, I, 1)
+        row = b("Mul", b("Range", b.scalar_i64(0), n_in, b.scalar_i64(1)), n_pts)  # (I,)
+        flat_idx = b("Add", b("Cast", seg, to=TensorProto.INT64), row)  # (R, I)
+        c0 = b("Gather", table, flat_idx, axis=0)  # (R, I, O)
+        c1 = b("Gather", table, b("Add", flat_idx, b.scalar_i64(1)), axis=0)
+        val = b("Add", c0, b("Mul", frac, b("Sub", c1, c0)))
+        y = b("ReduceSum", val, b.const_i64(1), keepdims=0)  # (R, O)
+    elif layout == "value_slope":
+        seg = b("Clip", b("Floor", u), zero, b("Sub", n_seg, one))
+        frac = b("Sub", u, seg)  # (R, I)
+        row = b("Mul", b("Range", b.scalar_i64(0), n_in, b.scalar_i64(1)), n_pts)  # (I,)
+        flat_idx = b("Add", b("Cast", seg, to=TensorProto.INT64), row)  # (R, I)
+        # (I, N, 2, O) table of [value, slope to the next point]; constant-folded by ORT
+        slope = b("Sub", b.slice_axis("C", 1, _END, 1), b.slice_axis("C", 0, -1, 1))
+        slope = b("Concat", slope, b.slice_axis(slope, -1, _END, 1), axis=1)  # pad last
+        vs = b("Concat", b("Unsqueeze", "C", b.const_i64(2)),
+               b("Unsqueeze", slope, b.const_i64(2)), axis=2)  # fmt: skip
+        n_out = b.slice_last(c_shape, 2, 3)
+        vs = b("Reshape", vs, b("Concat", b.const_i64(-1), b("Mul", n_out, b.const_i64(2)), axis=0))
+        g = b("Gather", vs, flat_idx, axis=0)  # (R, I, 2*O)
+        g = b(
+            "Reshape", g, b("Concat", b.const_i64(0), b.const_i64(-1), n_out, axis=0)
+        )  # (R, 2I, O)
+        w = b(
+            "Concat",
+            b("Unsqueeze", b("Add", b("Mul", frac, zero), one), b.const_i64(-1)),
+            b("Unsqueeze", frac, b.const_i64(-1)),
+            axis=2,
+        )  # fmt: skip  (R, I, 2)
+        w = b("Reshape", w, b.const_i64(0, 1, -1))  # (R, 1, 2I)
+        y = b("Squeeze", b("MatMul", w, g), b.const_i64(1))
+    else:
+        uc = b("Clip", u, zero, n_seg)
+        pos = b("CastLike", b("Range", b.scalar_i64(0), n_pts, b.scalar_i64(1)), "X")  # (N,)
+        dist = b("Abs", b("Sub", b("Unsqueeze", uc, b.const_i64(-1)), pos))  # (R, I, N)
+        hat = b("Relu", b("Sub", one, dist))
+        width = b("Unsqueeze", b("Mul", n_in, n_pts), b.const_i64(0))
+        y = b("MatMul", b("Reshape", hat, b("Concat", b.const_i64(-1), width, axis=0)), table)
+        excess = b("Sub", u, uc)  # < 0 below the grid, > 0 above it, 0 inside
+        first = b("Sub", b("Gather", "C", b.scalar_i64(1), axis=1),
+                  b("Gather", "C", b.scalar_i64(0), axis=1))  # fmt: skip
+        last_i = b("Sub", n_pts, b.scalar_i64(1))
+        last = b("Sub", b("Gather", "C", last_i, axis=1),
+                 b("Gather", "C", b("Sub", last_i, b.scalar_i64(1)), axis=1))  # fmt: skip
+        y = b("Add", y, b("MatMul", b("Min", excess, zero), first))
+        y = b("Add", y, b("MatMul", b("Max", excess, zero), last))
     out_shape = b("Concat", b.slice_last(x_shape, 0, -1), b.slice_last(c_shape, 2, 3), axis=0)
     y = b("Reshape", y, out_shape)
     return _function(OP_LOOKUP, ["X", "C"], ["grid_lo", "grid_hi"], b, y, "")
@@ -304,7 +359,9 @@ def _spline_order(node: NodeProto) -> int:
     raise ValueError(f"{node.op_type} node {node.name!r} has no spline_order attribute")
 
 
-def attach_functions(model: onnx.ModelProto, layout: str = "knots_first") -> onnx.ModelProto:
+def attach_functions(
+    model: onnx.ModelProto, layout: str = "knots_first", lookup_layout: str = "value_slope"
+) -> onnx.ModelProto:
     """Add the FunctionProto of every ai.kanmoe op the graph uses, in place; returns ``model``.
 
     Also adds the domain to ``opset_import`` and pins ``ir_version``. With more than one
@@ -328,7 +385,7 @@ def attach_functions(model: onnx.ModelProto, layout: str = "knots_first") -> onn
     if OP_RBF in used:
         fns.append(rbf_function())
     if OP_LOOKUP in used:
-        fns.append(lookup_function())
+        fns.append(lookup_function(lookup_layout))
     del model.functions[:]
     model.functions.extend(keep + fns)
     if nodes and not any(o.domain == DOMAIN for o in model.opset_import):
@@ -363,6 +420,7 @@ def single_op_model(
     c_shape: tuple[int, ...] | None = None,
     elem_type: int = TensorProto.FLOAT,
     layout: str = "knots_first",
+    lookup_layout: str = "value_slope",
 ) -> onnx.ModelProto:
     """A model holding one ai.kanmoe node plus its function (tests and benchmarks)."""
     inputs = [helper.make_tensor_value_info("X", elem_type, list(x_shape))]
@@ -383,7 +441,7 @@ def single_op_model(
         ],
         ir_version=IR_VERSION,
     )
-    return attach_functions(model, layout=layout)
+    return attach_functions(model, layout=layout, lookup_layout=lookup_layout)
 
 
 def translation_table() -> dict[Any, Callable[..., Any]]:

@@ -344,7 +344,7 @@ def trained_run(tmp_path_factory):
 
     raw = apply_overrides(
         read_yaml(CONFIGS_DIR / "california_kamoe.yaml"),
-        ["train.epochs=1", "train.batch_size=2048", "model.hidden=[8]", "model.gate_hidden=8"],
+        ["train.epochs=1", "data.max_rows=2000", "model.hidden=[8]", "model.gate_hidden=8"],
     )
     run = tmp_path_factory.mktemp("runs") / "tiny_kamoe"
     train_run(validate_config(raw), run, write_plots=False)

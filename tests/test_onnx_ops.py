@@ -119,9 +119,10 @@ def test_rbf_matches_numpy(n, lo, hi, dtype):
         np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ops.LOOKUP_LAYOUTS)
 @pytest.mark.parametrize(("n_in", "n_pts", "n_out"), [(4, 9, 3), (1, 2, 1), (6, 32, 5)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lookup_matches_numpy_with_extrapolation(n_in, n_pts, n_out, dtype):
+def test_lookup_matches_numpy_with_extrapolation(layout, n_in, n_pts, n_out, dtype):
     elem, tol = _dtype_args(dtype)
     lo, hi = -4.0, 4.0
     model = ops.single_op_model(
@@ -130,6 +131,7 @@ def test_lookup_matches_numpy_with_extrapolation(n_in, n_pts, n_out, dtype):
         ("B", "T", n_in),
         c_shape=(n_in, n_pts, n_out),
         elem_type=elem,
+        lookup_layout=layout,
     )
     onnx.checker.check_model(model, full_check=True)
     rng = np.random.default_rng(n_pts)
