@@ -67,6 +67,11 @@ def _ridge_fit(basis: Tensor, target: Tensor) -> Tensor:
     return torch.linalg.solve(ata, a.transpose(1, 2) @ target.double()).to(basis.dtype)
 
 
+def _refresh_flags(module: KANLinear, _incompatible_keys) -> None:
+    """load_state_dict post-hook (a module-level function, so layers stay picklable)."""
+    module._flags_from_buffers()
+
+
 class KANLinear(nn.Module):
     """Kolmogorov-Arnold layer, (..., in_features) -> (..., out_features).
 
@@ -132,7 +137,8 @@ class KANLinear(nn.Module):
             self.base_activation = None
             pos = torch.linspace(self.grid_lo, self.grid_hi, num_control_points)
             slope = self._initial_slopes(init)
-            self.control_points = nn.Parameter(slope.t()[:, None, :] * pos[None, :, None])
+            cp = (slope.t()[:, None, :] * pos[None, :, None]).contiguous()
+            self.control_points = nn.Parameter(cp)
             self.register_buffer("locked_coef", torch.zeros_like(self.control_points))
         else:
             self.base_activation = _activation(base_activation)
@@ -145,7 +151,7 @@ class KANLinear(nn.Module):
             self.register_buffer("locked_coef", torch.zeros(n_out, n_in, m))
             self._reset_parameters(scale_noise, scale_base, scale_spline)
         self._flags_from_buffers()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._flags_from_buffers())
+        self.register_load_state_dict_post_hook(_refresh_flags)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -272,7 +278,7 @@ class KANLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.training and torch.is_grad_enabled():
-            self._last_x = x2[:_REG_ROWS].detach()
+            self._last_x = x2[:_REG_ROWS].detach().clone()  # not a view: frees the batch
         xn = self._normalise(x2)
         if self.basis == "linear":
             y = linear_spline_lookup(xn, self.coefficients(), self.grid_lo, self.grid_hi)

@@ -317,3 +317,18 @@ def test_tiny_kan_fits_sin_plus_square(one_thread):
         pred = model(x_test)
     r2 = 1 - (pred - y_test).pow(2).sum() / (y_test - y_test.mean()).pow(2).sum()
     assert r2 > 0.99, float(r2)
+
+
+def test_state_dict_round_trip_keeps_grid_prune_and_locks():
+    torch.manual_seed(12)
+    x = torch.randn(50, 3) * 2
+    model = KAN([3, 4, 2])
+    model.update_grid(x)
+    model.layers[0].prune(0.05, x=x)
+    model.layers[1].lock(1, 0)
+    with torch.no_grad():
+        model.layers[1].spline_weight.add_(1.0)  # the locked edge must ignore this
+    fresh = KAN([3, 4, 2])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
+    assert fresh.layers[1].lock_mask[0, 1] and fresh.layers[0].edge_mask.min() == 0
