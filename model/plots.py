@@ -58,7 +58,7 @@ def gate_weights(
         w = gates[layer].reshape(-1, gates[layer].shape[-1])
         names = expert_names.get(layer) or [f"expert_{i}" for i in range(w.shape[1])]
         ax.boxplot([w[:, i] for i in range(w.shape[1])], showfliers=False)
-        ax.set_xticks(range(1, w.shape[1] + 1), names, rotation=30)
+        ax.set_xticks(range(1, w.shape[1] + 1), names, fontsize=8)
         share = w.mean(axis=0)
         for i, s in enumerate(share):
             ax.annotate(f"mean {s:.2f}", (i + 1, 1.0), ha="center", fontsize=8)

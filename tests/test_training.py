@@ -233,3 +233,44 @@ def test_sequence_kamoe_gru_trains_end_to_end(tmp_path: Path, project_root: Path
     assert y.shape == (5, 2)
     assert gates["moe"].shape == (5, 8, 3)  # per-step gating (expert keeps the time axis)
     torch.testing.assert_close(gates["moe"].sum(-1), torch.ones(5, 8))
+
+
+def test_plot_command_regenerates_plots(tmp_path: Path, subset_csv: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kanmoe.cli import app
+
+    out = tmp_path / "run"
+    train_run(validate_config(tiny_config(subset_csv)), out, write_plots=False)
+    assert not (out / "plots").exists()
+    result = CliRunner().invoke(app, ["plot", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("learning_curves.png", "gate_weights.png", "gate_kan_functions.png"):
+        assert (out / "plots" / name).is_file(), name
+
+
+def test_tune_shares_a_sqlite_study(tmp_path: Path, subset_csv: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kanmoe.cli import app
+
+    raw = tiny_config(subset_csv, kind="mlp")
+    raw["tune"] = {
+        "epochs": 2,
+        "params": {
+            "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "model.hidden": {"type": "categorical", "choices": [[8], [16, 8]]},
+        },
+    }
+    cfg_path = write_config(tmp_path / "cfg.yaml", raw)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["tune", "--config", str(cfg_path), "--trials", "2", "--storage", storage]
+    for _ in range(2):  # a second process joins the same study
+        result = CliRunner().invoke(app, [*args, "--study-name", "s"])
+        assert result.exit_code == 0, result.output
+        assert "best trial" in result.output and "train.lr" in result.output
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert len(study.trials) == 4
+    assert all(1e-3 <= t.params["train.lr"] <= 1e-2 for t in study.trials)
