@@ -164,9 +164,17 @@ class Trainer:
             atomic_save(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: str | Path) -> None:
+        from kanmoe.errors import ConfigError
+
         state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"--resume: {path} does not match this config's model/optimiser ({first})"
+            ) from None
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.best_state = state["best_state"]

@@ -6,6 +6,7 @@ module stays fast on a busy 2-core machine.
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,15 @@ from kanmoe.model.run import load_run
 from kanmoe.model.training import predict_raw, regression_metrics, train_run
 
 pytestmark = pytest.mark.slow
+
+
+def invoke(*args: str):
+    """The CLI in this process (no interpreter start-up); exit code and output as the CLI's."""
+    from typer.testing import CliRunner
+
+    from kanmoe.cli import app
+
+    return CliRunner().invoke(app, list(args))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,6 +114,13 @@ def test_train_cli_writes_every_file(tmp_path: Path, subset_csv: Path) -> None:
         assert again[key] == pytest.approx(metrics["test"][key], rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(gates["moe"].sum(axis=1), 1.0, atol=1e-5)
 
+    # `kanmoe plot RUN_DIR` redraws every plot from the saved run
+    shutil.rmtree(out / "plots")
+    result = invoke("plot", str(out))
+    assert result.exit_code == 0, result.output
+    for name in ("learning_curves.png", "gate_weights.png", "gate_kan_functions.png"):
+        assert (out / "plots" / name).is_file(), name
+
 
 def test_resume_continues_from_checkpoint(tmp_path: Path, subset_csv: Path) -> None:
     raw = tiny_config(subset_csv, kind="moe", gate="grn")
@@ -138,12 +155,16 @@ def test_resume_continues_from_checkpoint(tmp_path: Path, subset_csv: Path) -> N
         assert float(got["val_loss"]) == pytest.approx(float(want["val_loss"]), rel=1e-4)
     assert metrics["test"]["r2"] == pytest.approx(ref_metrics["test"]["r2"], rel=1e-4)
 
+    # a checkpoint from another architecture is a clear error, not a traceback
+    mismatch = invoke("train", "--out", str(out), "--resume", "--set", "model.hidden=[5]")
+    assert mismatch.exit_code == 2 and "does not match" in mismatch.output
+
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "x"}))
-    result = run_cli("train", "--out", str(tmp_path), "--resume")
-    assert result.returncode == 2
-    assert "checkpoint.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = invoke("train", "--out", str(tmp_path), "--resume")
+    assert result.exit_code == 2
+    assert "checkpoint.pt" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_early_stopping_restores_best_weights(tmp_path: Path, subset_csv: Path) -> None:
@@ -201,7 +222,7 @@ def _series_csv(path: Path, n_series: int = 2, length: int = 160) -> Path:
 def test_sequence_kamoe_gru_trains_end_to_end(tmp_path: Path, project_root: Path) -> None:
     data_path = _series_csv(tmp_path / "series.csv")
     out = tmp_path / "run"
-    result = run_cli(
+    result = invoke(
         "train",
         "--config",
         str(project_root / "configs" / "sequence_kamoe_gru.yaml"),
@@ -222,7 +243,7 @@ def test_sequence_kamoe_gru_trains_end_to_end(tmp_path: Path, project_root: Path
         "--set",
         "train.threads=1",
     )
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and np.isfinite(metrics["test"]["rmse"])
     assert (out / "plots" / "gate_weights.png").is_file()
@@ -235,25 +256,7 @@ def test_sequence_kamoe_gru_trains_end_to_end(tmp_path: Path, project_root: Path
     torch.testing.assert_close(gates["moe"].sum(-1), torch.ones(5, 8))
 
 
-def test_plot_command_regenerates_plots(tmp_path: Path, subset_csv: Path) -> None:
-    from typer.testing import CliRunner
-
-    from kanmoe.cli import app
-
-    out = tmp_path / "run"
-    train_run(validate_config(tiny_config(subset_csv)), out, write_plots=False)
-    assert not (out / "plots").exists()
-    result = CliRunner().invoke(app, ["plot", str(out)])
-    assert result.exit_code == 0, result.output
-    for name in ("learning_curves.png", "gate_weights.png", "gate_kan_functions.png"):
-        assert (out / "plots" / name).is_file(), name
-
-
 def test_tune_shares_a_sqlite_study(tmp_path: Path, subset_csv: Path) -> None:
-    from typer.testing import CliRunner
-
-    from kanmoe.cli import app
-
     raw = tiny_config(subset_csv, kind="mlp")
     raw["tune"] = {
         "epochs": 2,
@@ -266,7 +269,7 @@ def test_tune_shares_a_sqlite_study(tmp_path: Path, subset_csv: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = ["tune", "--config", str(cfg_path), "--trials", "2", "--storage", storage]
     for _ in range(2):  # a second process joins the same study
-        result = CliRunner().invoke(app, [*args, "--study-name", "s"])
+        result = invoke(*args, "--study-name", "s")
         assert result.exit_code == 0, result.output
         assert "best trial" in result.output and "train.lr" in result.output
     import optuna
