@@ -383,3 +383,17 @@ def test_cli_export_of_untrained_dir_exits_2(tmp_path):
     assert result.exit_code == 2
     assert "error:" in result.output and "missing config.yaml" in result.output
     assert not repo.exists()
+
+
+def test_plain_kan_has_no_gate_outputs():
+    from kanmoe.model.layers import KAN
+
+    torch.manual_seed(2)
+    servable = _servable(KAN([F, 4, 1], grid_size=4, spline_order=3))
+    model = export_model(servable)
+    assert [o.name for o in model.graph.output] == ["output"]
+    assert read_metadata(model)["gate_outputs"] == {}
+    assert {n.op_type for n in onnx_ops.kanmoe_nodes(model)} == {"BSplineBasis"}
+    report = verify_model(servable, model, batch_sizes=(1, 7, 256))
+    assert report.ok
+    assert "gate_weights" not in config_pbtxt(model, "kan", 8)
