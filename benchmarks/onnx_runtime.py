@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=1.5, help="seconds per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--quick", action="store_true", help="smoke run, no RESULTS.md")
+    parser.add_argument("--note", default="", help="one line added under the table header")
     args = parser.parse_args(argv)
     args.batches = BATCHES
     if args.quick:
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "interleaved rounds; (N x) = speed-up over torch eager. ORT runs the FunctionProto "
         "bodies shipped in the file (no native kernel). Layer rows include the servable's "
         "(identity) standardisation.",
+        *([f"Note: {args.note}"] if args.note else []),
         "",
         f"| model | implementation | {header} |",
         "|---|---|" + "---|" * len(args.batches),
