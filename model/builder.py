@@ -87,29 +87,40 @@ def _make_moe(expert: nn.Module, cfg: ModelConfig, in_features: int, name: str, 
     )
 
 
-def _tabular(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
-    widths = [n_in, *cfg.hidden, n_out]
-    if cfg.kind == "mlp":
-        return _mlp(widths, cfg)
-    if cfg.kind == "kan":
+def _kan_mlp(widths: list[int], cfg: ModelConfig) -> nn.Sequential:
+    """KANLinear(in -> h1) + activation, then an MLP h1 -> ... -> out (KAN on raw inputs)."""
+    from kanmoe.model.layers import KANLinear
+
+    if len(widths) < 3:
+        raise ValueError("model.hidden: kanmlp needs at least one hidden width")
+    first = KANLinear(widths[0], widths[1], **kan_kwargs(cfg))
+    return nn.Sequential(first, _ACTIVATIONS[cfg.activation](), *_mlp(widths[1:], cfg))
+
+
+def _network(kind: str, widths: list[int], cfg: ModelConfig) -> nn.Module:
+    if kind == "kan":
         from kanmoe.model.layers import KAN
 
         return KAN(widths=widths, **kan_kwargs(cfg))
+    if kind == "kanmlp":
+        return _kan_mlp(widths, cfg)
+    return _mlp(widths, cfg)
+
+
+def _tabular(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
+    widths = [n_in, *cfg.hidden, n_out]
+    if cfg.kind in ("mlp", "kan", "kanmlp"):
+        return _network(cfg.kind, widths, cfg)
     from kanmoe.model.moe import GatedSequential
 
     if cfg.placement == "whole":
-        if cfg.expert == "kan":
-            from kanmoe.model.experts import KANExpert
-
-            expert: nn.Module = KANExpert(widths, **kan_kwargs(cfg))
-        else:
-            expert = _mlp(widths, cfg)
+        expert = _network(cfg.expert, widths, cfg)
         return GatedSequential(_make_moe(expert, cfg, n_in, "moe"))
     # per_layer: the KAMoE notebooks' Sequential([KAMoE(Dense(u)) x n, Dense(1)])
     modules: list[nn.Module] = []
     d = n_in
     for i, h in enumerate(cfg.hidden):
-        if cfg.expert == "kan":
+        if cfg.expert in ("kan", "kanmlp"):
             from kanmoe.model.layers import KANLinear
 
             layer: nn.Module = KANLinear(d, h, **kan_kwargs(cfg))
@@ -123,7 +134,7 @@ def _tabular(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
 
 
 def _sequence(cfg: ModelConfig, n_in: int, seq_len: int, n_out: int) -> nn.Module:
-    if cfg.kind in ("mlp", "kan"):
+    if cfg.kind in ("mlp", "kan", "kanmlp"):
         flat = _tabular(cfg, n_in * seq_len, n_out)
         return nn.Sequential(nn.Flatten(start_dim=1), flat)
     from kanmoe.model.experts import RNNExpert

@@ -78,8 +78,8 @@ DataConfig = Annotated[TabularData | SequenceData, Field(discriminator="kind")]
 class ModelConfig(_Strict):
     """Architecture. ``kind`` picks the family; MoE fields apply to ``moe``/``kamoe``."""
 
-    kind: Literal["mlp", "kan", "moe", "kamoe", "rnn"] = "kamoe"
-    expert: Literal["mlp", "kan", "gru", "lstm"] = "mlp"
+    kind: Literal["mlp", "kan", "kanmlp", "moe", "kamoe", "rnn"] = "kamoe"
+    expert: Literal["mlp", "kan", "kanmlp", "gru", "lstm"] = "mlp"  # kanmlp: KAN layer, then MLP
     placement: Literal["whole", "per_layer"] = "whole"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 64])
     activation: Literal["relu", "silu", "gelu", "tanh", "elu"] = "relu"
@@ -151,6 +151,7 @@ class TrainConfig(_Strict):
     loss: Literal["mse", "huber", "l1"] = "mse"
     kan_reg_weight: float = Field(0.0, ge=0.0)
     aux_loss_weight: float = Field(1.0, ge=0.0)
+    expert_loss_weight: float = Field(0.0, ge=0.0)  # + w * mean_k loss(expert_k(x), y)
     grid_update_epochs: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     grid_update_samples: int = Field(4096, ge=16)
     progress: Literal["auto", "on", "off"] = "auto"
@@ -211,6 +212,13 @@ class RunConfig(_Strict):
             raise ValueError("sequence data with model.kind moe/kamoe/rnn needs expert gru or lstm")
         if not seq and (self.model.kind == "rnn" or rnn_expert):
             raise ValueError("model.kind rnn and gru/lstm experts need data.kind: sequence")
+        if self.train.expert_loss_weight > 0 and (
+            seq or self.model.kind not in ("moe", "kamoe") or self.model.placement != "whole"
+        ):
+            raise ValueError(
+                "train.expert_loss_weight needs a tabular moe/kamoe model with placement: whole "
+                "(each expert then predicts the target)"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

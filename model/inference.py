@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from kanmoe.model.data import numeric_columns
-from kanmoe.model.run import ServableModel, atomic_save, load_run
+from kanmoe.model.run import ServableModel, atomic_save, load_run, predict_raw
 
 from kanmoe.errors import DataError
 
@@ -21,8 +21,6 @@ def predict_frame(
     servable: ServableModel, df: pd.DataFrame, keep_inputs: bool = True
 ) -> pd.DataFrame:
     """Predictions and gate weights for every row of ``df`` (raw feature columns by name)."""
-    from kanmoe.model.training import predict_raw
-
     if servable.is_sequence:
         raise DataError("predict: this run is a sequence model; CSV batch predict is tabular only")
     missing = [c for c in servable.feature_names if c not in df.columns]

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from kanmoe.model.run import atomic_save
+from kanmoe.model.run import atomic_save, predict_raw
 from torch import nn
 
 
@@ -122,8 +122,6 @@ def write_all_plots(
     run_dir: str | Path, servable: nn.Module, history: list[dict], x_test
 ) -> list[Path]:
     """All plots that apply to this model; returns the written paths."""
-    from kanmoe.model.training import predict_raw
-
     plots = Path(run_dir) / "plots"
     written = [learning_curves(history, plots / "learning_curves.png")]
     model = servable.model
@@ -136,7 +134,7 @@ def write_all_plots(
         if gate_kan is not None:
             path = plots / "gate_kan_functions.png"
             written.append(kan_functions(gate_kan, path, title="GRKAN gate layer 1"))
-        elif servable.config.get("model", {}).get("kind") == "kan":
+        elif servable.config.get("model", {}).get("kind") in ("kan", "kanmlp"):
             first = _first_kan(model)
             if first is not None:
                 path = plots / "kan_functions.png"

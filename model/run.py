@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from kanmoe.model.data import Preprocessing
@@ -198,6 +199,38 @@ def servable_from_prep(
         config=config,
         config_hash=config_hash,
     )
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """R² (mean over targets), RMSE and MAE over all values; y (N, n_targets)."""
+    err = y_pred - y_true
+    ss_res = (err**2).sum(axis=0)
+    ss_tot = ((y_true - y_true.mean(axis=0)) ** 2).sum(axis=0)
+    r2 = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), 0.0)
+    return {
+        "r2": float(r2.mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "mae": float(np.abs(err).mean()),
+    }
+
+
+@torch.no_grad()
+def predict_raw(servable: nn.Module, x: np.ndarray, batch_size: int = 8192) -> tuple:
+    """(y (N, T) numpy, {layer: weights numpy}) for raw inputs, in batches."""
+    servable.eval()
+    ys, gates = [], {}
+    for i in range(0, len(x), batch_size):
+        y, g = servable(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32))
+        ys.append(y.numpy())
+        for k, v in g.items():
+            gates.setdefault(k, []).append(v.numpy())
+    return np.concatenate(ys), {k: np.concatenate(v) for k, v in gates.items()}
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    cols = ["epoch", "train_loss", "val_loss", "lr"]
+    lines = [",".join(cols)] + [",".join(repr(row[c]) for c in cols) for row in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def check_run_dir(run_dir: str | Path) -> Path:

@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from kanmoe.model.config import TrainConfig
-from kanmoe.model.run import atomic_save
+from kanmoe.model.run import (
+    atomic_save,
+    predict_raw,
+    regression_metrics,
+    write_history,
+)
 from torch import Tensor, nn
 
 EpochCallback = Callable[[int, dict], None]
@@ -196,30 +201,57 @@ class Trainer:
             )
         return total / max(1, len(x))
 
+    def _expert_hooks(self, outputs: list[Tensor]) -> list:
+        """Capture each expert's output of the first MoE layer during the normal forward."""
+        from kanmoe.model.moe import moe_layers
+
+        layers = list(moe_layers(self.model))
+        if not layers:
+            return []
+
+        def hook(_module: nn.Module, _args: tuple, out: Tensor) -> None:
+            outputs.append(out)
+
+        return [expert.register_forward_hook(hook) for expert in layers[0][1].experts]
+
     def _train_epoch(self, x: Tensor, y: Tensor) -> float:
         c = self.cfg
         self.model.train()
         perm = torch.randperm(len(x), generator=self.gen)
         total, n = 0.0, 0
-        for i in range(0, len(x), c.batch_size):
-            idx = perm[i : i + c.batch_size]
-            xb, yb = x[idx], y[idx]
-            data_loss = self.loss_fn(self.model(xb), yb)
-            loss = data_loss
-            if c.aux_loss_weight > 0:
-                loss = loss + c.aux_loss_weight * aux_loss(self.model)
-            if c.kan_reg_weight > 0:
-                loss = loss + c.kan_reg_weight * kan_regularization(self.model)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.opt.step()
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
-                self.scheduler.step()
-            total += float(data_loss.detach()) * len(idx)
-            n += len(idx)
+        expert_out: list[Tensor] = []
+        handles = self._expert_hooks(expert_out) if c.expert_loss_weight > 0 else []
+        try:
+            for i in range(0, len(x), c.batch_size):
+                idx = perm[i : i + c.batch_size]
+                total += self._train_step(x[idx], y[idx], expert_out) * len(idx)
+                n += len(idx)
+        finally:
+            for handle in handles:
+                handle.remove()
         return total / max(1, n)
+
+    def _train_step(self, xb: Tensor, yb: Tensor, expert_out: list[Tensor]) -> float:
+        """One optimiser step; returns the data loss. ``expert_out`` is filled by hooks."""
+        c = self.cfg
+        expert_out.clear()
+        data_loss = self.loss_fn(self.model(xb), yb)
+        loss = data_loss
+        if expert_out:
+            per_expert = torch.stack([self.loss_fn(out, yb) for out in expert_out])
+            loss = loss + c.expert_loss_weight * per_expert.mean()
+        if c.aux_loss_weight > 0:
+            loss = loss + c.aux_loss_weight * aux_loss(self.model)
+        if c.kan_reg_weight > 0:
+            loss = loss + c.kan_reg_weight * kan_regularization(self.model)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt.step()
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            self.scheduler.step()
+        return float(data_loss.detach())
 
     def _warmup_lr(self, epoch: int) -> None:
         if self.cfg.scheduler == "onecycle":
@@ -285,40 +317,6 @@ class Trainer:
 
 
 # -- a whole run: data -> model -> fit -> run dir ------------------------------------------
-def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """R² (mean over targets), RMSE and MAE over all values; y (N, n_targets)."""
-    err = y_pred - y_true
-    ss_res = (err**2).sum(axis=0)
-    ss_tot = ((y_true - y_true.mean(axis=0)) ** 2).sum(axis=0)
-    r2 = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), 0.0)
-    return {
-        "r2": float(r2.mean()),
-        "rmse": float(np.sqrt((err**2).mean())),
-        "mae": float(np.abs(err).mean()),
-    }
-
-
-@torch.no_grad()
-def predict_raw(servable: nn.Module, x: np.ndarray, batch_size: int = 8192) -> tuple:
-    """(y (N, T) numpy, {layer: weights numpy}) for raw inputs, in batches."""
-    servable.eval()
-    ys, gates = [], {}
-    for i in range(0, len(x), batch_size):
-        y, g = servable(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32))
-        ys.append(y.numpy())
-        for k, v in g.items():
-            gates.setdefault(k, []).append(v.numpy())
-    return np.concatenate(ys), {k: np.concatenate(v) for k, v in gates.items()}
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    from kanmoe.model.run import atomic_write_text
-
-    cols = ["epoch", "train_loss", "val_loss", "lr"]
-    lines = [",".join(cols)] + [",".join(repr(row[c]) for c in cols) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
 def train_run(
     cfg,
     out_dir: str | Path,
@@ -355,8 +353,11 @@ def train_run(
     }
     model = build_model(cfg.model, data.n_features, data.n_targets, data.seq_len)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        ckpt.unlink(missing_ok=True)
+    if not resume:  # a fresh run: drop the artefacts of whatever run was here before
+        for name in (CHECKPOINT, "weights.safetensors", "metrics.json", "history.csv"):
+            (out / name).unlink(missing_ok=True)
+        for png in (out / "plots").glob("*.png"):
+            png.unlink()
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_text(out / "preprocessing.json", prep.to_json())
     steps = math.ceil(len(tensors["train"][0]) / cfg.train.batch_size)

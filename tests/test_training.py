@@ -277,3 +277,25 @@ def test_tune_shares_a_sqlite_study(tmp_path: Path, subset_csv: Path) -> None:
     study = optuna.load_study(study_name="s", storage=storage)
     assert len(study.trials) == 4
     assert all(1e-3 <= t.params["train.lr"] <= 1e-2 for t in study.trials)
+
+
+def test_kanmlp_experts_with_expert_loss(tmp_path: Path, subset_csv: Path) -> None:
+    raw = tiny_config(subset_csv, expert="kanmlp", hidden=[8, 8], grid_size=6)
+    raw["data"]["input_clip"] = 3.0
+    raw["train"]["epochs"] = 2
+    plain, _ = train_run(validate_config(raw), tmp_path / "a", write_plots=False)
+    raw["train"]["expert_loss_weight"] = 1.0
+    helped, metrics = train_run(validate_config(raw), tmp_path / "b", write_plots=False)
+    assert np.isfinite(metrics["test"]["r2"])
+    # the per-expert loss changed training, and its hooks are gone afterwards
+    first = history_rows(tmp_path / "a")[-1]["val_loss"]
+    assert first != history_rows(tmp_path / "b")[-1]["val_loss"]
+    for expert in helped.model[0].experts:
+        assert not expert._forward_hooks
+    # inputs are clipped inside the servable too: far-out values give the clipped prediction
+    x = torch.zeros(2, 8)
+    x[1, 0] = 1e6
+    x[0, 0] = helped.x_mean[0] + 3.0 * helped.x_std[0]
+    y, _ = helped(x)
+    assert float(y[0, 0]) == pytest.approx(float(y[1, 0]), rel=1e-6)
+    assert plain.input_clip == 3.0
