@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- Machine: {results_file.machine_line()}",
         f"- torch {torch.__version__}, `torch.set_num_threads({args.threads})`, git {git_line()}",
-        f"- Command: `{command}` (what `make bench-kan` runs); "
+        f"- Command: `{command}` (`make bench-kan` runs it with the defaults); "
         f"took {time.perf_counter() - started:.0f} s",
         f"- Load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f}"
         + (
