@@ -13,12 +13,14 @@ is a smoke run (< 60 s) that never writes RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -122,19 +124,15 @@ def _short(exc: BaseException) -> str:
     return text[:160] + ("…" if len(text) > 160 else "")
 
 
-def _pykan_bytes(batch: int, n_in: int, n_out: int) -> int:
-    """Rough peak for pykan fwd+bwd: about eight float32 (B, out, in) tensors."""
-    return 8 * batch * n_in * n_out * 4
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+def _pykan_skip(batch: int, n: int, args: argparse.Namespace) -> str | None:
+    """Why pykan is not run at this size, or None. Its fwd+bwd keeps ~8 (B, out, in) tensors."""
+    if batch > args.pykan_max_batch:
+        return f"skipped: batch > --pykan-max-batch {args.pykan_max_batch}"
+    need = 8 * batch * n * n * 4
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as fh:
+        have = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:"))
+        if need > 0.6 * have:
+            return f"skipped: needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free"
     return None
 
 
@@ -161,29 +159,17 @@ def build_impls(n: int, batch: int, args: argparse.Namespace) -> list[Impl]:
             factories.append((f"kanmoe {b}", lambda b=b: KANLinear(n, n, basis=b), False))
             name = f"kanmoe {b} (torch.compile)"
             factories.append((name, lambda b=b: KANLinear(n, n, basis=b), True))
-    if batch > args.pykan_max_batch:
-        impls.append(
-            Impl(
-                "pykan KANLayer", note=f"skipped: batch > --pykan-max-batch {args.pykan_max_batch}"
-            )
-        )
+    skip = _pykan_skip(batch, n, args)
+    if skip:
+        impls.append(Impl("pykan KANLayer", note=skip))
     else:
-        need, have = _pykan_bytes(batch, n, n), _available_bytes()
-        if have is not None and need > 0.6 * have:
-            impls.append(
-                Impl(
-                    "pykan KANLayer",
-                    note=f"skipped: needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free",
-                )
-            )
-        else:
 
-            def pykan() -> nn.Module:
-                from kan import KANLayer
+        def pykan() -> nn.Module:
+            from kan import KANLayer
 
-                return FirstOutput(KANLayer(in_dim=n, out_dim=n, num=5, k=3))
+            return FirstOutput(KANLayer(in_dim=n, out_dim=n, num=5, k=3))
 
-            factories.append(("pykan KANLayer", pykan, False))
+        factories.append(("pykan KANLayer", pykan, False))
     for impl in ("sparse_matmul_csr", "embedding_bag", "embedding"):
 
         def kd(impl: str = impl) -> nn.Module:
@@ -296,16 +282,12 @@ def render(results: dict[int, list[Impl]]) -> str:
             if not imp.fb:
                 lines.append(f"| {imp.name} | {batch} | — | — | — | — | {imp.note} |")
                 continue
-            cells = []
-            for s in (imp.fwd, imp.fb):
-                cells.append(f"{median_ms(s):.2f} ({1e3 * _q(s, 0.1):.2f}–{1e3 * _q(s, 0.9):.2f})")
-            if base is None:
-                ratios = ["—", "—"]
-            else:
-                ratios = [
-                    f"{median_ms(imp.fwd) / median_ms(base.fwd):.2f}×",
-                    f"{median_ms(imp.fb) / median_ms(base.fb):.2f}×",
-                ]
+            pairs = ((imp.fwd, base.fwd if base else None), (imp.fb, base.fb if base else None))
+            cells = [
+                f"{median_ms(s):.2f} ({1e3 * _q(s, 0.1):.2f}–{1e3 * _q(s, 0.9):.2f})"
+                for s, _ in pairs
+            ]
+            ratios = [f"{median_ms(s) / median_ms(r):.2f}×" if r else "—" for s, r in pairs]
             lines.append(
                 f"| {imp.name} | {batch} | {' | '.join(cells)} | {' | '.join(ratios)} "
                 f"| {imp.note} |"
@@ -338,7 +320,9 @@ def target_checks(results: dict[int, list[Impl]]) -> list[str]:
     big = 4096 if 4096 in results else max(results)
     bs, lin = _fb(results, big, "kanmoe bspline"), _fb(results, big, "kanmoe linear")
     flags = [bs / lin >= 5.0] if bs and lin else []
-    speed = f"{bs / lin:.1f}× faster" if flags else "—"
+    speed = "—"
+    if flags:
+        speed = f"{bs / lin:.1f}× faster" if bs >= lin else f"{lin / bs:.1f}× slower"
     out.append(
         f"2. kanmoe linear fwd+bwd ≥ 5× faster than kanmoe bspline at batch {big}: "
         f"{verdict(flags)} ({speed})"
@@ -363,23 +347,19 @@ def target_checks(results: dict[int, list[Impl]]) -> list[str]:
 
 
 def git_line() -> str:
-    """Commit the numbers belong to, and whether model/ had uncommitted edits."""
-    import subprocess
-
+    """Commit the numbers belong to, and whether model/ or kanmoe/ had uncommitted edits."""
     root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "model", "kanmoe"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "model", "kanmoe")
     except OSError:
         return "unknown"
-    return f"{head or 'unknown'}" + (" (model/ or kanmoe/ had uncommitted edits)" if dirty else "")
+    return (head or "unknown") + (" (model/ or kanmoe/ had uncommitted edits)" if dirty else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -388,7 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", type=int, default=256, help="in = out features")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds per batch size")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; --quick: 1)")
     p.add_argument(
         "--max-seconds", type=float, default=60.0, help="time cap per row (fewer samples)"
     )
@@ -404,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (implies --no-write)")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     if min(args.batches) < 1 or min(args.features, args.repeats, args.threads, args.warmup) < 1:
         p.error("--batches, --features, --repeats, --warmup and --threads must be positive")
     if args.quick:
