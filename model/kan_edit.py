@@ -48,6 +48,7 @@ class KANEditMixin:
         scale = (self.grid_hi - self.grid_lo) / span
         self.grid_scale.copy_(scale)
         self.grid_shift.copy_(self.grid_lo - lo * scale)
+        self._flags_from_buffers()
         new_basis = self._dense_basis(self._normalise(x2)).transpose(0, 1)  # (in, S, M)
         self._set_coef_oim(_ridge_fit(new_basis, old).permute(2, 0, 1))
 

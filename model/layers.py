@@ -191,6 +191,7 @@ class KANLinear(KANEditMixin, nn.Module):
     def _flags_from_buffers(self) -> None:
         """Python flags that let the forward skip mask ops when nothing is locked or pruned."""
         self._any_locked = bool(self.lock_mask.any())
+        self._grid_identity = bool((self.grid_scale == 1).all() and (self.grid_shift == 0).all())
         self._any_pruned = bool((self.edge_mask != 1).any())
 
     # ------------------------------------------------------------------ coefficients
@@ -234,6 +235,9 @@ class KANLinear(KANEditMixin, nn.Module):
     # ------------------------------------------------------------------ evaluation
 
     def _normalise(self, x2: Tensor) -> Tensor:
+        """Per-input affine map onto the canonical grid (skipped until update_grid moves it)."""
+        if self._grid_identity:
+            return x2
         return x2 * self.grid_scale + self.grid_shift
 
     def _dense_basis(self, xn: Tensor) -> Tensor:

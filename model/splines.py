@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _EXPORT_DEPTH = 0
 
@@ -84,38 +85,68 @@ def _horner(t: Tensor, coef: Tensor) -> Tensor:
     return acc
 
 
-def _local_bspline(
-    x: Tensor, grid_size: int, spline_order: int, grid_lo: float, grid_hi: float, derivative: bool
-) -> tuple[Tensor, Tensor]:
-    """Non-zero bases (or their x-derivatives) and their column indices.
+_TABLES: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    Returns ``vals`` (..., in, K+1) (zero where the column does not exist) and ``cols``
-    (..., in, K+1) int64 indices into the G+K bases (clamped to a valid column). Per-cell
-    column and validity tables turn the edge handling into two small gathers.
+
+def _bspline_tables(g: int, k: int, h: float, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Piece coefficients, derivative coefficients / h, per-cell validity and column tables.
+
+    Table row r <-> knot cell r - 1 (cells -1 .. G+2K+1). Cached per (g, k, h, dtype, device)
+    in eager mode (saves ~10 tiny ops per call); built inline while anything traces.
+    """
+    dtype, device = x.dtype, x.device
+    key = (g, k, h, dtype, device)
+    # only for plain eager tensors: tracers (dynamo, fake/functional tensors, dispatch modes)
+    # must build their own tables, never see cached real ones
+    compiling = (
+        torch.compiler.is_compiling()
+        or type(x) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None
+    )
+    if not compiling and key in _TABLES:
+        return _TABLES[key]
+    pieces = _PIECES[k] if k < len(_PIECES) else _cardinal_pieces(k)
+    coef = torch.tensor(pieces, dtype=dtype, device=device)
+    powers = torch.arange(1, k + 1, dtype=dtype, device=device)[:, None]
+    dcoef = coef[1:] * powers / h
+    cols = torch.arange(-1, g + 2 * k + 2, device=device)[:, None] - k
+    cols = cols + torch.arange(k + 1, device=device)
+    valid = ((cols >= 0) & (cols < g + k)).to(dtype)
+    tables = (coef, dcoef, valid, cols.clamp(0, g + k - 1))
+    if not compiling:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = tables
+    return tables
+
+
+def _local_bspline(
+    x: Tensor,
+    grid_size: int,
+    spline_order: int,
+    grid_lo: float,
+    grid_hi: float,
+    value: bool = True,
+    derivative: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The K+1 non-zero bases and/or their x-derivatives, and their column indices (K >= 1).
+
+    Returns ``vals``, ``dvals`` (..., in, K+1) (zero where the column does not exist, None
+    when not asked for) and ``cols`` (..., in, K+1) int64 indices into the G+K bases (clamped
+    to a valid column). Per-cell tables turn the edge handling into two small gathers.
     """
     g, k = grid_size, spline_order
     h = (grid_hi - grid_lo) / g
     n_cells = g + 2 * k
+    coef, dcoef, valid, col_table = _bspline_tables(g, k, h, x)
     u = torch.clamp(x * (1.0 / h) + (k - grid_lo / h), -1.0, n_cells + 1.0)
     cell = torch.floor(u)
     t = u - cell
-    pieces = _PIECES[k] if k < len(_PIECES) else _cardinal_pieces(k)
-    coef = torch.tensor(pieces, dtype=x.dtype, device=x.device)
-    if derivative:
-        if k == 0:
-            vals = torch.zeros(*x.shape, 1, dtype=x.dtype, device=x.device)
-        else:
-            dcoef = coef[1:] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)[:, None]
-            vals = _horner(t, dcoef / h)
-    else:
-        vals = _horner(t, coef)
-    # table row r <-> cell r - 1 (cells -1 .. n_cells + 1)
-    table_cols = torch.arange(-1, n_cells + 2, device=x.device)[:, None] - k
-    table_cols = table_cols + torch.arange(k + 1, device=x.device)
-    valid = ((table_cols >= 0) & (table_cols < g + k)).to(x.dtype)
     idx = (cell + 1).long()
-    vals = vals * F.embedding(idx, valid)
-    return vals, F.embedding(idx, table_cols.clamp(0, g + k - 1))
+    mask = F.embedding(idx, valid)
+    vals = _horner(t, coef) * mask if value else None
+    dvals = _horner(t, dcoef) * mask if derivative else None
+    return vals, dvals, F.embedding(idx, col_table)
 
 
 def _bspline_order0(x: Tensor, grid_size: int, grid_lo: float, grid_hi: float) -> Tensor:
@@ -135,7 +166,7 @@ def bspline_basis_reference(
     """
     if spline_order == 0:
         return _bspline_order0(x, grid_size, grid_lo, grid_hi)
-    vals, cols = _local_bspline(x, grid_size, spline_order, grid_lo, grid_hi, derivative=False)
+    vals, _, cols = _local_bspline(x, grid_size, spline_order, grid_lo, grid_hi)
     out = x.new_zeros(*x.shape, grid_size + spline_order)
     return out.scatter_add(-1, cols, vals)
 
@@ -154,7 +185,9 @@ def bspline_basis_grad_x(
     """
     if spline_order == 0:
         return torch.zeros_like(x)
-    dvals, cols = _local_bspline(x, grid_size, spline_order, grid_lo, grid_hi, derivative=True)
+    _, dvals, cols = _local_bspline(
+        x, grid_size, spline_order, grid_lo, grid_hi, value=False, derivative=True
+    )
     return (grad.gather(-1, cols) * dvals).sum(-1)
 
 
@@ -171,10 +204,12 @@ class _BSplineFn(torch.autograd.Function):
         if spline_order == 0:
             ctx.save_for_backward(x)
             return _bspline_order0(x, grid_size, lo, hi)
-        vals, cols = _local_bspline(x, grid_size, spline_order, lo, hi, derivative=False)
+        need_grad = ctx.needs_input_grad[0]
+        vals, dvals, cols = _local_bspline(
+            x, grid_size, spline_order, lo, hi, value=True, derivative=need_grad
+        )
         out = x.new_zeros(*x.shape, grid_size + spline_order).scatter_add_(-1, cols, vals)
-        if ctx.needs_input_grad[0]:
-            dvals, _ = _local_bspline(x, grid_size, spline_order, lo, hi, derivative=True)
+        if need_grad:
             ctx.save_for_backward(x, cols, dvals)
         else:
             ctx.save_for_backward(x)
