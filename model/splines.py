@@ -293,6 +293,9 @@ def _lookup_flat(x2: Tensor, n_pts: int, lo: float, hi: float) -> tuple[Tensor, 
     return cell, t, key
 
 
+_LOOKUP_CHUNK_BYTES = 1 << 20
+
+
 class _LinearLookupFn(torch.autograd.Function):
     """embedding_bag forward; sparse backward without the slow per-sample-weight kernel.
 
@@ -305,11 +308,20 @@ class _LinearLookupFn(torch.autograd.Function):
     def forward(x2: Tensor, table: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
         n_in, n_pts, n_out = table.shape
         cell, t, _ = _lookup_flat(x2, n_pts, lo, hi)
-        base = cell + torch.arange(n_in, device=x2.device) * n_pts
-        idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * n_in)
-        w = torch.stack((1.0 - t, t), dim=-1).reshape(x2.shape[0], 2 * n_in)
-        flat = table.reshape(n_in * n_pts, n_out)
-        return F.embedding_bag(idx, flat, per_sample_weights=w, mode="sum")
+        local = cell + torch.arange(n_in, device=x2.device) * n_pts
+        # Inputs in groups whose table slice stays cache-resident (CPU); one group on GPU.
+        step = n_in if x2.is_cuda else max(1, _LOOKUP_CHUNK_BYTES // (n_pts * n_out * 4))
+        y = None
+        for s in range(0, n_in, step):
+            e = min(s + step, n_in)
+            base = local[:, s:e] - s * n_pts
+            ts = t[:, s:e]
+            idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * (e - s))
+            w = torch.stack((1.0 - ts, ts), dim=-1).reshape(x2.shape[0], 2 * (e - s))
+            flat = table[s:e].reshape((e - s) * n_pts, n_out)
+            part = F.embedding_bag(idx, flat, per_sample_weights=w, mode="sum")
+            y = part if y is None else y.add_(part)
+        return y
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]

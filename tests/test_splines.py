@@ -11,6 +11,7 @@ from kanmoe.model.splines import (
     export_mode,
     is_exporting,
     linear_spline_lookup,
+    linear_spline_lookup_reference,
     rbf_basis,
 )
 from scipy.interpolate import BSpline
@@ -182,3 +183,17 @@ def test_export_mode_routes_to_custom_ops_with_same_values():
     assert wanted <= export_ops.names
     for a, b in zip(fast, exported, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_linear_lookup_large_table_grouped_path_matches_reference():
+    # (in, N, out) = 40 x 32 x 256 floats is larger than one cache group: inputs go in groups
+    x = (torch.rand(16, 40) * 6 - 3).requires_grad_(True)
+    cp = torch.randn(40, 32, 256, requires_grad=True)
+    got = linear_spline_lookup(x, cp, -2.0, 2.0)
+    want = linear_spline_lookup_reference(x, cp, -2.0, 2.0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, cp), g)
+    grads_ref = torch.autograd.grad(want, (x, cp), g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
