@@ -143,7 +143,9 @@ class KANEditMixin:
         self._flags_from_buffers()
 
     @torch.no_grad()
-    def unlock(self, in_idx: int | Sequence[int], out_idx: int | Sequence[int] | None = None):
+    def unlock(
+        self, in_idx: int | Sequence[int], out_idx: int | Sequence[int] | None = None
+    ) -> None:
         """Let training change these edges again (they restart from the current parameters)."""
         rows, cols = self._edge_index(in_idx, out_idx)
         self.lock_mask[rows, cols] = False

@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.* for export_mode)
 from .kan_edit import KANEditMixin, _ridge_fit
 from .splines import bspline_basis, linear_spline_lookup, rbf_basis
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BASES = ("bspline", "rbf", "linear")
 INITS = ("random_normal", "identity", "zero")
@@ -302,7 +306,7 @@ class KANLinear(KANEditMixin, nn.Module):
 
     # ------------------------------------------------------------------ plotting
 
-    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs):
+    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs) -> Figure:
         """Figure of every learned edge function (in x out grid); saved as PNG when ``path``."""
         from .kan_plot import plot_layer
 
@@ -342,7 +346,7 @@ class KAN(nn.Module):
         """Sum of the layers' penalties."""
         return sum(layer.regularization_loss(l1, entropy) for layer in self.layers)
 
-    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs) -> list:
+    def plot(self, path: str | os.PathLike[str] | None = None, **kwargs) -> list[Figure]:
         """One figure per layer; with ``path`` (a directory) saved as layer_<i>.png."""
         figs = []
         for i, layer in enumerate(self.layers):
