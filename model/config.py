@@ -154,7 +154,7 @@ class TrainConfig(_Strict):
     expert_loss_weight: float = Field(0.0, ge=0.0)  # + w * mean_k loss(expert_k(x), y)
     grid_update_epochs: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     grid_update_samples: int = Field(4096, ge=16)
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: bool | Literal["auto"] = "auto"  # auto: on when stderr is a terminal and not CI
     threads: int | None = Field(None, ge=1)
 
 

@@ -86,9 +86,9 @@ def _loss_fn(name: str) -> nn.Module:
     return {"mse": nn.MSELoss(), "huber": nn.HuberLoss(), "l1": nn.L1Loss()}[name]
 
 
-def progress_enabled(mode: str) -> bool:
-    if mode != "auto":
-        return mode == "on"
+def progress_enabled(mode: str | bool) -> bool:
+    if isinstance(mode, bool):
+        return mode
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 

@@ -37,7 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, california_csv: Path) -> t
             "target_transform": "log",
         },
         "model": {"kind": "kamoe", "hidden": [8], "gate_hidden": 8, "n_experts": 3},
-        "train": {"epochs": 2, "threads": 1, "progress": "off"},
+        "train": {"epochs": 2, "threads": 1, "progress": False},
     }
     train_run(validate_config(raw), root / "run", write_plots=False)
     rows = pd.read_csv(california_csv).sample(n=300, random_state=2)

@@ -59,7 +59,7 @@ def tiny_config(data_path: Path, **model: object) -> dict:
             "gate_hidden": 8,
             **model,
         },
-        "train": {"epochs": 3, "batch_size": 128, "threads": 1, "progress": "off"},
+        "train": {"epochs": 3, "batch_size": 128, "threads": 1, "progress": False},
     }
 
 
