@@ -11,17 +11,22 @@ import torch
 from torch import Tensor
 
 
+def _solve_ridge(ata: Tensor, aty: Tensor) -> Tensor:
+    """Solve (A^T A + eps I) c = A^T y per input in float64; eps tiny, relative to the diagonal."""
+    ata, aty = ata.double(), aty.double()
+    ridge = 1e-10 * ata.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(ata.shape[-1], dtype=ata.dtype, device=ata.device)
+    return torch.linalg.solve(ata + ridge[:, None, None] * eye, aty)
+
+
 def _ridge_fit(basis: Tensor, target: Tensor) -> Tensor:
     """Per-input least squares: basis (in, S, M), target (in, S, out) -> coef (in, M, out).
 
-    Normal equations in float64 with a tiny ridge so unsupported bases go to ~0 instead of
-    blowing up (works on CPU and CUDA, unlike the CPU-only rank-revealing lstsq drivers).
+    Normal equations with a tiny ridge so unsupported bases go to ~0 instead of blowing up
+    (works on CPU and CUDA, unlike the CPU-only rank-revealing lstsq drivers).
     """
     a = basis.double()
-    ata = a.transpose(1, 2) @ a
-    ridge = 1e-10 * ata.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-    ata = ata + ridge[:, None, None] * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(ata, a.transpose(1, 2) @ target.double()).to(basis.dtype)
+    return _solve_ridge(a.transpose(1, 2) @ a, a.transpose(1, 2) @ target.double()).to(basis.dtype)
 
 
 class KANEditMixin:
@@ -30,27 +35,36 @@ class KANEditMixin:
     # ------------------------------------------------------------------ grid update
 
     @torch.no_grad()
-    def update_grid(self, x: Tensor, margin: float = 0.01) -> None:
-        """Refit each input's grid to [min - margin, max + margin] of ``x`` keeping the function.
+    def update_grid(self, x: Tensor, margin: float = 0.01, quantile: float = 0.0) -> None:
+        """Refit each input's grid to the data in ``x`` keeping the layer's function.
 
-        The grid stays uniform per input (an affine map onto the canonical range); the
-        spline coefficients are refitted by least squares to the old edge functions at x.
-        The base branch reads raw x and is unaffected.
+        New range per input: [q-quantile - margin, (1-q)-quantile + margin] (q = 0: min/max).
+        The grid stays uniform per input (an affine map onto the canonical range); the spline
+        coefficients are refitted by least squares to the old edge functions at x, through
+        the (in, M, M) normal equations, so memory does not grow with batch x out. The base
+        branch reads raw x and is unaffected.
         """
         self._check_input(x)
+        if not 0.0 <= quantile < 0.5:
+            raise ValueError(f"quantile must be in [0, 0.5), got {quantile!r}")
         x2 = x.reshape(-1, self.in_features)
-        old = torch.einsum(
-            "sim,oim->ios", self._dense_basis(self._normalise(x2)), self._coef_oim()
-        ).transpose(1, 2)  # (in, S, out)
-        lo = x2.min(0).values - margin
-        hi = x2.max(0).values + margin
+        old_basis = self._dense_basis(self._normalise(x2)).transpose(0, 1).double()  # (in,S,M)
+        old_coef = self._coef_oim().permute(1, 2, 0).double()  # (in, M, out)
+        if quantile > 0:
+            q = torch.tensor([quantile, 1.0 - quantile], dtype=x2.dtype, device=x2.device)
+            lo, hi = torch.quantile(x2, q, dim=0)
+        else:
+            lo, hi = x2.min(0).values, x2.max(0).values
+        lo, hi = lo - margin, hi + margin
         span = (hi - lo).clamp_min(1e-6)
         scale = (self.grid_hi - self.grid_lo) / span
         self.grid_scale.copy_(scale)
         self.grid_shift.copy_(self.grid_lo - lo * scale)
         self._flags_from_buffers()
-        new_basis = self._dense_basis(self._normalise(x2)).transpose(0, 1)  # (in, S, M)
-        self._set_coef_oim(_ridge_fit(new_basis, old).permute(2, 0, 1))
+        new_basis = self._dense_basis(self._normalise(x2)).transpose(0, 1).double()
+        nt = new_basis.transpose(1, 2)
+        coef = _solve_ridge(nt @ new_basis, (nt @ old_basis) @ old_coef)  # (in, M, out)
+        self._set_coef_oim(coef.to(self.grid_scale.dtype).permute(2, 0, 1))
 
     def _set_coef_oim(self, coef: Tensor) -> None:
         """Store effective coefficients (out, in, M) back into the parameters and lock buffer."""

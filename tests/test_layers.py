@@ -332,3 +332,16 @@ def test_state_dict_round_trip_keeps_grid_prune_and_locks():
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x), model(x))
     assert fresh.layers[1].lock_mask[0, 1] and fresh.layers[0].edge_mask.min() == 0
+
+
+def test_update_grid_quantile_range():
+    torch.manual_seed(13)
+    layer = KANLinear(2, 2).double()
+    x = torch.randn(1000, 2, dtype=torch.float64) * 0.3
+    layer.update_grid(x, margin=0.0, quantile=0.05)
+    lo = (layer.grid_lo - layer.grid_shift) / layer.grid_scale
+    hi = (layer.grid_hi - layer.grid_shift) / layer.grid_scale
+    torch.testing.assert_close(lo, torch.quantile(x, 0.05, dim=0))
+    torch.testing.assert_close(hi, torch.quantile(x, 0.95, dim=0))
+    with pytest.raises(ValueError, match="quantile"):
+        layer.update_grid(x, quantile=0.5)
