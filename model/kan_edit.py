@@ -97,9 +97,10 @@ class KANEditMixin:
     def regularization_loss(self, l1: float = 1.0, entropy: float = 1.0) -> Tensor:
         """pykan's L1 + entropy penalty on the mean |activation| of each edge.
 
-        Approximation: the means use at most 256 rows of the last training batch (detached
-        inputs; before any training forward, a uniform sweep of the grid), so the cost does not
-        grow with the batch. Gradients reach the layer's own weights, not earlier layers.
+        Approximation: the means use the first 8-256 rows of the last training batch (fewer
+        for wide layers, so the (rows, out, in) activations stay <= 4M numbers; before any
+        training forward, a uniform sweep of the grid), so the cost does not grow with the
+        batch. Inputs are detached: gradients reach this layer's weights, not earlier layers.
         """
         mag = self.edge_magnitude()
         total = mag.sum()

@@ -40,7 +40,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
     "identity": nn.Identity,
 }
-_REG_ROWS = 256  # rows of the last training batch kept for regularization_loss / prune
+_REG_ELEMENTS = 1 << 22  # rows kept for regularization_loss: rows * out * in <= this (8..256)
 
 
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -274,7 +274,8 @@ class KANLinear(KANEditMixin, nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.training and torch.is_grad_enabled():
-            self._last_x = x2[:_REG_ROWS].detach().clone()  # not a view: frees the batch
+            rows = max(8, min(256, _REG_ELEMENTS // (self.in_features * self.out_features)))
+            self._last_x = x2[:rows].detach().clone()  # not a view: frees the batch
         xn = self._normalise(x2)
         if self.basis == "linear":
             y = linear_spline_lookup(xn, self.coefficients(), self.grid_lo, self.grid_hi)
