@@ -63,8 +63,9 @@ bench-onnx: $(VENV)/.installed-dev  ## ONNX Runtime vs torch latency
 paper-tables: $(VENV)/.installed-dev  ## reproduce the KAMoE paper's California Housing table (3 seeds)
 	$(PY) benchmarks/paper_tables.py
 
-default-model: $(VENV)/.installed  ## retrain the default KAMoE into runs/california_kamoe
-	$(VENV)/bin/kanmoe train --config configs/california_kamoe.yaml --out runs/california_kamoe
+default-model: $(VENV)/.installed  ## retrain the default KAMoE into default_run/ and export it
+	$(VENV)/bin/kanmoe train --config configs/california_kamoe.yaml --out default_run
+	$(MAKE) export-default
 
 export-default: $(VENV)/.installed  ## export the committed default run into model_repository/
 	$(VENV)/bin/kanmoe export default_run --repository model_repository --name california_kamoe --version 1 --check --force

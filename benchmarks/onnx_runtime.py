@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_file  # sibling module: the script runs as a file, not as a package
+
 from kanmoe.export import onnx_ops
 from kanmoe.export.exporter import export_model
-
 from kanmoe.paths import CONFIGS_DIR, PROJECT_ROOT
 
 BATCHES = (1, 64, 4096)

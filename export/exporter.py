@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import onnx
-from kanmoe.export import onnx_ops
 
 from kanmoe.errors import ExportError
+from kanmoe.export import onnx_ops
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -110,6 +110,7 @@ def export_model(servable: Any, layout: str = "knots_first") -> onnx.ModelProto:
     misses a function body.
     """
     import torch
+
     from kanmoe.model.splines import export_mode
 
     servable = servable.eval()

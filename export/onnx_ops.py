@@ -32,6 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import onnx
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
+from onnx.defs import OpSchema
+
 from kanmoe.export.onnx_bodies import (  # noqa: F401  (re-exported)
     BSPLINE_LAYOUTS,
     DOMAIN,
@@ -47,8 +50,6 @@ from kanmoe.export.onnx_bodies import (  # noqa: F401  (re-exported)
     lookup_function,
     rbf_function,
 )
-from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
-from onnx.defs import OpSchema
 
 _T = [("T", ["tensor(float)", "tensor(double)"], "float32 or float64")]
 _ATTR = OpSchema.Attribute
@@ -227,9 +228,10 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
 
     Requires ``kanmoe.model.custom_ops`` (which defines ``torch.ops.kanmoe.*``).
     """
-    import kanmoe.model.custom_ops  # noqa: F401  (registers torch.ops.kanmoe.*)
     import onnxscript
     import torch
+
+    import kanmoe.model.custom_ops  # noqa: F401  (registers torch.ops.kanmoe.*)
 
     register_schemas()
     opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from kanmoe.export.exporter import read_metadata
 
 from kanmoe.errors import ExportError
+from kanmoe.export.exporter import read_metadata
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_MAX_BATCH_SIZE = 1024

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from kanmoe.export.exporter import INPUT_NAME
 
 from kanmoe.errors import ExportError
+from kanmoe.export.exporter import INPUT_NAME
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_BATCH_SIZES = (1, 7, 256)

@@ -11,8 +11,9 @@ import inspect
 import itertools
 from typing import Any
 
-from kanmoe.model.config import ModelConfig
 from torch import nn
+
+from kanmoe.model.config import ModelConfig
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from kanmoe.model.config import SequenceData, TabularData
 
 from kanmoe.errors import DataError
+from kanmoe.model.config import SequenceData, TabularData
 from kanmoe.paths import CALIFORNIA_HOUSING_CSV
 
 BUILTIN = {"builtin:california_housing": CALIFORNIA_HOUSING_CSV}

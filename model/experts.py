@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from kanmoe.model.gates import make_activation
 from torch import Tensor, nn
+
+from kanmoe.model.gates import make_activation
 
 RNN_CELLS = ("gru", "lstm")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from kanmoe.model.data import numeric_columns
-from kanmoe.model.run import ServableModel, atomic_save, load_run, predict_raw
 
 from kanmoe.errors import DataError
+from kanmoe.model.data import numeric_columns
+from kanmoe.model.run import ServableModel, atomic_save, load_run, predict_raw
 
 
 def predict_frame(

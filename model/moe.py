@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from kanmoe.model.experts import (
     build_experts,
     first_output,
@@ -25,7 +27,6 @@ from kanmoe.model.experts import (
     probe_output_shape,
 )
 from kanmoe.model.gates import GATE_TYPES, GATING_ACTIVATIONS, Router, build_gate
-from torch import Tensor, nn
 
 GATE_INPUTS = ("auto", "last", "flatten", "all")
 

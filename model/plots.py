@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from kanmoe.model.run import atomic_save, predict_raw
 from torch import nn
+
+from kanmoe.model.run import atomic_save, predict_raw
 
 
 def save_figure(fig, path: str | Path) -> Path:

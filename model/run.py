@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from kanmoe.model.data import Preprocessing
 from torch import Tensor, nn
 
 from kanmoe.errors import RunDirError
+from kanmoe.model.data import Preprocessing
 
 REQUIRED_FILES = ("config.yaml", "preprocessing.json", "weights.safetensors")
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from kanmoe.model.config import TrainConfig
 from kanmoe.model.run import (
     atomic_save,
@@ -26,7 +28,6 @@ from kanmoe.model.run import (
     regression_metrics,
     write_history,
 )
-from torch import Tensor, nn
 
 EpochCallback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
@@ -328,11 +329,11 @@ def train_run(
     import json
 
     import yaml
+
+    from kanmoe.errors import RunDirError
     from kanmoe.model.builder import build_model
     from kanmoe.model.data import load_dataset
     from kanmoe.model.run import atomic_write_text, save_weights, servable_from_prep
-
-    from kanmoe.errors import RunDirError
 
     out = Path(out_dir)
     ckpt = out / CHECKPOINT

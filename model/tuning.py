@@ -50,6 +50,7 @@ def run_study(
     """Run ``trials`` trials (default ``tune.trials``); returns the Optuna study."""
     import optuna
     import torch
+
     from kanmoe.model.builder import build_model
     from kanmoe.model.data import load_dataset
     from kanmoe.model.training import Trainer

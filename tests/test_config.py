@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kanmoe.model.config import apply_overrides, load_config, parse_override, validate_config
 
 from kanmoe.errors import ConfigError
+from kanmoe.model.config import apply_overrides, load_config, parse_override, validate_config
 from kanmoe.paths import CONFIGS_DIR
 
 SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kanmoe.model.config import SequenceData, TabularData
-from kanmoe.model.data import load_dataset
 from sklearn.model_selection import train_test_split
 
 from kanmoe.errors import DataError
+from kanmoe.model.config import SequenceData, TabularData
+from kanmoe.model.data import load_dataset
 
 
 def test_reference_split_matches_the_kamoe_notebooks(california_csv: Path) -> None:

@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import inliner
+
+from kanmoe.errors import ExportError, RunDirError
 from kanmoe.export import onnx_ops
 from kanmoe.export.exporter import export_model, finish_model, read_metadata
 from kanmoe.export.repository import config_pbtxt, export_run, write_repository_entry
 from kanmoe.export.verify import ort_session, reference_evaluator, verify_model
-from onnx import inliner
-
-from kanmoe.errors import ExportError, RunDirError
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
@@ -339,7 +339,6 @@ def trained_run(tmp_path_factory):
     """A real (1-epoch, tiny) California Housing KAMoE run dir written by the trainer."""
     from kanmoe.model.config import apply_overrides, read_yaml, validate_config
     from kanmoe.model.training import train_run
-
     from kanmoe.paths import CONFIGS_DIR
 
     raw = apply_overrides(

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from kanmoe.model.gates import (
     GRKANGate,
     GRNGate,
@@ -14,7 +16,6 @@ from kanmoe.model.gates import (
     build_gate,
 )
 from kanmoe.model.moe import MoE
-from torch import nn
 
 GATES = ("linear", "grn", "grkan")
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from kanmoe.model import KAN, KANLinear
 from kanmoe.model.splines import export_mode
 

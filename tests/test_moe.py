@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
 from kanmoe.model.experts import KANExpert, MLPExpert, RNNExpert
 from kanmoe.model.layers import KANLinear
 from kanmoe.model.moe import GatedSequential, KAMoE, MoE, moe_layers, total_aux_loss
-from torch import nn
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kanmoe.export import onnx_ops as ops
 from onnx import TensorProto, helper, inliner
 from onnx.reference import ReferenceEvaluator
 from scipy.interpolate import BSpline
+
+from kanmoe.export import onnx_ops as ops
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

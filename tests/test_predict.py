@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from kanmoe.model.config import validate_config
-from kanmoe.model.run import build_servable, load_run
-from kanmoe.model.training import train_run
 from torch import nn
 
 from kanmoe.errors import RunDirError
+from kanmoe.model.config import validate_config
+from kanmoe.model.run import build_servable, load_run
+from kanmoe.model.training import train_run
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.interpolate import BSpline
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from kanmoe.model import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.*)
 from kanmoe.model.splines import (
     bspline_basis,
@@ -14,8 +17,6 @@ from kanmoe.model.splines import (
     linear_spline_lookup_reference,
     rbf_basis,
 )
-from scipy.interpolate import BSpline
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _scipy_bases(x: np.ndarray, grid_size: int, order: int, lo: float, hi: float) -> np.ndarray:

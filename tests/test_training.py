@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+
 from kanmoe.model.config import validate_config
 from kanmoe.model.data import load_dataset
 from kanmoe.model.run import load_run
