@@ -13,9 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from kanmoe.model.activations import make_activation
 from kanmoe.model.config import ModelConfig
-
-_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
 def kan_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -41,7 +40,7 @@ def _mlp(widths: list[int], cfg: ModelConfig, last_linear: bool = True) -> nn.Se
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2 or not last_linear:
-            layers.append(_ACTIVATIONS[cfg.activation]())
+            layers.append(make_activation(cfg.activation, "model.activation"))
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
     return nn.Sequential(*layers)
@@ -95,7 +94,9 @@ def _kan_mlp(widths: list[int], cfg: ModelConfig) -> nn.Sequential:
     if len(widths) < 3:
         raise ValueError("model.hidden: kanmlp needs at least one hidden width")
     first = KANLinear(widths[0], widths[1], **kan_kwargs(cfg))
-    return nn.Sequential(first, _ACTIVATIONS[cfg.activation](), *_mlp(widths[1:], cfg))
+    return nn.Sequential(
+        first, make_activation(cfg.activation, "model.activation"), *_mlp(widths[1:], cfg)
+    )
 
 
 def _network(kind: str, widths: list[int], cfg: ModelConfig) -> nn.Module:

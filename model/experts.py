@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kanmoe.model.gates import make_activation
+from kanmoe.model.activations import make_activation
 
 RNN_CELLS = ("gru", "lstm")
 

@@ -23,28 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kanmoe.model.activations import make_activation
+
 GATE_TYPES = ("linear", "grn", "grkan")
 GATING_ACTIVATIONS = ("softmax", "sigmoid")
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "silu": nn.SiLU,
-    "elu": nn.ELU,
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
-
-
-def make_activation(activation: str | nn.Module, argument: str = "activation") -> nn.Module:
-    """An activation module from a name (silu/elu/relu/gelu/tanh/identity) or a module."""
-    if isinstance(activation, nn.Module):
-        return activation
-    if not isinstance(activation, str) or activation.lower() not in _ACTIVATIONS:
-        raise ValueError(
-            f"{argument}={activation!r} is not one of {tuple(_ACTIVATIONS)} or an nn.Module"
-        )
-    return _ACTIVATIONS[activation.lower()]()
 
 
 def apply_gating_activation(logits: Tensor, activation: str) -> Tensor:

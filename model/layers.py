@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.* for export_mode)
+from .activations import make_activation
 from .kan_edit import KANEditMixin, _ridge_fit
 from .splines import bspline_basis, linear_spline_lookup, rbf_basis
 
@@ -32,14 +33,6 @@ if TYPE_CHECKING:
 
 BASES = ("bspline", "rbf", "linear")
 INITS = ("random_normal", "identity", "zero")
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "silu": nn.SiLU,
-    "elu": nn.ELU,
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
 _REG_ELEMENTS = 1 << 22  # rows kept for regularization_loss: rows * out * in <= this (8..256)
 
 
@@ -47,16 +40,6 @@ def _positive_int(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _activation(value: str | nn.Module) -> nn.Module:
-    if isinstance(value, nn.Module):
-        return value
-    if value not in _ACTIVATIONS:
-        raise ValueError(
-            f"base_activation must be one of {sorted(_ACTIVATIONS)} or an nn.Module, got {value!r}"
-        )
-    return _ACTIVATIONS[value]()
 
 
 def _refresh_flags(module: KANLinear, _incompatible_keys) -> None:
@@ -133,7 +116,7 @@ class KANLinear(KANEditMixin, nn.Module):
             self.control_points = nn.Parameter(cp)
             self.register_buffer("locked_coef", torch.zeros_like(self.control_points))
         else:
-            self.base_activation = _activation(base_activation)
+            self.base_activation = make_activation(base_activation, "base_activation")
             m = self.num_bases
             self.base_weight = nn.Parameter(torch.empty(n_out, n_in))
             self.spline_weight = nn.Parameter(torch.empty(n_out, n_in, m))
