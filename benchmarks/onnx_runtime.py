@@ -2,9 +2,10 @@
 
 Models: the default California KAMoE (``default_run/`` if present, else an untrained model
 of the default config's shape) and one ``KANLinear`` 64->64 per basis. Implementations:
-torch eager, ``torch.compile``, ORT with the function bodies the exporter ships (knots-first
-B-spline, value/slope lookup) and ORT with alternative body layouts for comparison
-(rows-first B-spline as in efficient-kan; hat-matmul and two-gather lookups).
+torch eager, ``torch.compile``, ORT with the function bodies the exporter ships (closed-form
+"cardinal" B-spline, value/slope lookup) and ORT with alternative body layouts for comparison
+(Cox–de Boor recursion knots-first and rows-first as in efficient-kan; hat-matmul and
+two-gather lookups).
 Implementations are interleaved round by round so machine noise hits all of them alike;
 the table gives median microseconds per row and the speed-up over torch eager.
 
@@ -112,16 +113,17 @@ def bench_model(label: str, servable, args) -> list[str]:
     """Rows of the markdown table for one model."""
     servable = servable.eval()
     model = export_model(servable)
-    rows_first = onnx.ModelProto()
-    rows_first.CopyFrom(model)
-    onnx_ops.attach_functions(rows_first, layout="rows_first")
     runners: dict[str, Callable] = {"torch eager": torch_runner(servable)}
     if not args.no_compile:
         runners["torch.compile"] = torch_runner(torch.compile(servable, dynamic=True))
     runners["ORT (shipped function bodies)"] = ort_runner(model, args.threads)
     used = {n.op_type for n in onnx_ops.kanmoe_nodes(model)}
     if onnx_ops.OP_BSPLINE in used:
-        runners["ORT, rows-first B-spline (alt.)"] = ort_runner(rows_first, args.threads)
+        for alt in ("knots_first", "rows_first"):
+            variant = onnx.ModelProto()
+            variant.CopyFrom(model)
+            onnx_ops.attach_functions(variant, layout=alt)
+            runners[f"ORT, {alt} recursion B-spline (alt.)"] = ort_runner(variant, args.threads)
     if onnx_ops.OP_LOOKUP in used:
         for alt in onnx_ops.LOOKUP_LAYOUTS[1:]:
             variant = onnx.ModelProto()

@@ -102,7 +102,7 @@ def _torch_export(wrapper, example, output_names: list[str], dynamic_seq: bool):
     return prog.model_proto  # a new copy on every access: keep and edit this one
 
 
-def export_model(servable: Any, layout: str = "knots_first") -> onnx.ModelProto:
+def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
     """Export a ``ServableModel`` to a self-contained ``onnx.ModelProto`` (IR 10, opset 20).
 
     Sequence models get a dynamic ``seq`` axis when the network allows it, else the
@@ -148,7 +148,7 @@ def export_model(servable: Any, layout: str = "knots_first") -> onnx.ModelProto:
 
 
 def finish_model(
-    model: onnx.ModelProto, metadata: Mapping[str, str], layout: str = "knots_first"
+    model: onnx.ModelProto, metadata: Mapping[str, str], layout: str = "cardinal"
 ) -> onnx.ModelProto:
     """Attach function bodies, pin IR, set metadata and check the proto (in place)."""
     onnx_ops.attach_functions(model, layout=layout)

@@ -139,7 +139,7 @@ def _spline_order(node: NodeProto) -> int:
 
 
 def attach_functions(
-    model: onnx.ModelProto, layout: str = "knots_first", lookup_layout: str = "value_slope"
+    model: onnx.ModelProto, layout: str = "cardinal", lookup_layout: str = "value_slope"
 ) -> onnx.ModelProto:
     """Add the FunctionProto of every ai.kanmoe op the graph uses, in place; returns ``model``.
 
@@ -198,7 +198,7 @@ def single_op_model(
     x_shape: tuple[int | str, ...],
     c_shape: tuple[int, ...] | None = None,
     elem_type: int = TensorProto.FLOAT,
-    layout: str = "knots_first",
+    layout: str = "cardinal",
     lookup_layout: str = "value_slope",
 ) -> onnx.ModelProto:
     """A model holding one ai.kanmoe node plus its function (tests and benchmarks)."""
