@@ -119,11 +119,11 @@ def bench_model(label: str, servable, args) -> list[str]:
     runners["ORT (shipped function bodies)"] = ort_runner(model, args.threads)
     used = {n.op_type for n in onnx_ops.kanmoe_nodes(model)}
     if onnx_ops.OP_BSPLINE in used:
-        for alt in ("knots_first", "rows_first"):
+        for alt in ("local", "knots_first", "rows_first"):
             variant = onnx.ModelProto()
             variant.CopyFrom(model)
             onnx_ops.attach_functions(variant, layout=alt)
-            runners[f"ORT, {alt} recursion B-spline (alt.)"] = ort_runner(variant, args.threads)
+            runners[f"ORT, {alt} B-spline body (alt.)"] = ort_runner(variant, args.threads)
     if onnx_ops.OP_LOOKUP in used:
         for alt in onnx_ops.LOOKUP_LAYOUTS[1:]:
             variant = onnx.ModelProto()

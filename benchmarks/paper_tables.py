@@ -34,13 +34,12 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.results_file import machine_line, update_section
 from kanmoe.model.config import TrainConfig
 from kanmoe.model.experts import KANExpert, MLPExpert
 from kanmoe.model.layers import KAN, KANLinear
 from kanmoe.model.moe import MoE
 from kanmoe.model.training import Trainer
-
-from benchmarks.results_file import machine_line, update_section
 from kanmoe.paths import CALIFORNIA_HOUSING_CSV
 
 N_IN = 8

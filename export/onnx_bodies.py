@@ -6,9 +6,11 @@ B-spline body, so there is one body per order.
 
 The shipped B-spline body (``layout="cardinal"``) evaluates the closed form of the uniform
 B-spline: a dozen element-wise ops on ``(rows, G + K)``, about 2x faster in ORT than the
-unrolled Cox–de Boor recursion at batch 4096 with G = 32. The recursion is kept in two
-layouts for comparison and for K = 0: knots-first ``(knots, rows)`` with one final
-Transpose (2-5x faster than rows-first) and rows-first as efficient-kan writes it.
+unrolled Cox–de Boor recursion at batch 4096 with G = 32. A ``"local"`` body computes only
+the K + 1 non-zero pieces and scatters them (faster still at batch 4096, slower at small
+batches). The recursion is kept in two layouts for comparison and for K = 0: knots-first
+``(knots, rows)`` with one final Transpose (2-5x faster than rows-first) and rows-first as
+efficient-kan writes it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ OP_BSPLINE = "BSplineBasis"
 OP_RBF = "RBFBasis"
 OP_LOOKUP = "LinearSplineLookup"
 OP_TYPES = (OP_BSPLINE, OP_RBF, OP_LOOKUP)
-BSPLINE_LAYOUTS = ("cardinal", "knots_first", "rows_first")
+BSPLINE_LAYOUTS = ("cardinal", "local", "knots_first", "rows_first")
 LOOKUP_LAYOUTS = ("value_slope", "hat_matmul", "gather")
 
 
@@ -126,6 +128,8 @@ def bspline_function(
         raise ValueError(f"layout must be one of {BSPLINE_LAYOUTS}, got {layout!r}")
     if layout == "cardinal" and spline_order > 0:
         return _bspline_cardinal_function(spline_order, overload)
+    if layout == "local":
+        return _bspline_local_function(spline_order, overload)
     k_ord = spline_order
     b = _Body()
     lo, hi = _grid_scalars(b, "X")
@@ -204,6 +208,79 @@ def _bspline_cardinal_function(spline_order: int, overload: str) -> FunctionProt
         total = term if not total else b("Add", total, term)
     out_shape = b("Concat", shape, b.const_i64(-1), axis=0)
     y = b("Reshape", total, out_shape)
+    return _function(
+        OP_BSPLINE,
+        ["X"],
+        ["grid_size", "spline_order", "grid_lo", "grid_hi"],
+        b,
+        y,
+        overload,
+    )
+
+
+def _cardinal_terms(b: _Body, r: str, k_ord: int) -> str:
+    """``N_K(r)`` of the centred cardinal B-spline for ``r = |s - (K + 1) / 2| >= 0``."""
+    total = ""
+    for i in range((k_ord + 2) // 2):
+        q = b("Relu", b("Sub", b.scalar_like((k_ord + 1) / 2 - i, "X"), r))
+        power = q
+        for _ in range(k_ord - 1):
+            power = b("Mul", power, q)
+        coeff = (-1) ** i * math.comb(k_ord + 1, i) / math.factorial(k_ord)
+        term = b("Mul", power, b.scalar_like(coeff, "X"))
+        total = term if not total else b("Add", total, term)
+    return total
+
+
+def _bspline_local_function(spline_order: int, overload: str) -> FunctionProto:
+    """``BSplineBasis`` from its K + 1 non-zero pieces, scattered into the dense output.
+
+    ``s = (x - lo) / h + K`` in knot units, cell ``c = floor(s)``, ``t = s - c``: only the
+    bases ``j = c - m`` (m = 0..K) are non-zero, with values ``N_K(t + m)``. The pieces are
+    computed on ``(rows, K + 1)`` and written with one ScatterElements into a zero
+    ``(rows, G + 3K + 2)`` buffer padded so that out-of-grid cells land in the margins,
+    which a final Slice drops.
+    """
+    k_ord = spline_order
+    b = _Body()
+    lo, hi = _grid_scalars(b, "X")
+    g_int = b.attr_ref("grid_size", "int")
+    h = b("Div", b("Sub", hi, lo), b("CastLike", g_int, "X"))
+    m_int = b("Add", g_int, b.scalar_i64(k_ord))  # M = G + K bases
+    m_f = b("CastLike", m_int, "X")
+    shape = b("Shape", "X")
+    s = b(
+        "Add",
+        b("Div", b("Sub", b("Reshape", "X", b.const_i64(-1, 1)), lo), h),
+        b.scalar_like(float(k_ord), "X"),
+    )  # (R, 1)
+    upper = b("Add", m_f, b.scalar_like(k_ord + 0.5, "X"))
+    s = b("Clip", s, b.scalar_like(-0.5, "X"), upper)  # far outside: every piece in a margin
+    cell = b("Floor", s)
+    t = b("Sub", s, cell)
+    offsets = b.const_i64(*range(k_ord + 1))  # m
+    offsets_f = b("CastLike", offsets, "X")
+    r = b("Abs", b("Sub", b("Add", t, offsets_f), b.scalar_like((k_ord + 1) / 2, "X")))
+    # (R, K + 1); order 0 is the indicator of the cell itself
+    pieces = (
+        _cardinal_terms(b, r, k_ord)
+        if k_ord
+        else b("Add", b("Mul", t, b.scalar_like(0.0, "X")), b.scalar_like(1.0, "X"))
+    )
+    pad = k_ord + 1
+    index = b("Add", b("Sub", b("Cast", cell, to=TensorProto.INT64), offsets), b.scalar_i64(pad))
+    width = b("Add", m_int, b.scalar_i64(2 * k_ord + 2))
+    rows = b("Slice", b("Shape", s), b.const_i64(0), b.const_i64(1), b.const_i64(0))
+    zeros = b(
+        "Expand",
+        b.scalar_like(0.0, "X"),
+        b("Concat", rows, b("Reshape", width, b.const_i64(1)), axis=0),
+    )
+    dense = b("ScatterElements", zeros, index, pieces, axis=1)
+    end = b("Reshape", b("Add", m_int, b.scalar_i64(pad)), b.const_i64(1))
+    bases = b("Slice", dense, b.const_i64(pad), end, b.const_i64(1))
+    out_shape = b("Concat", shape, b.const_i64(-1), axis=0)
+    y = b("Reshape", bases, out_shape)
     return _function(
         OP_BSPLINE,
         ["X"],
