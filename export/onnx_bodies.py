@@ -161,16 +161,14 @@ def bspline_function(
         )
     if layout == "knots_first":
         bases = b("Transpose", bases, perm=[1, 0])  # (R, G + K)
-    out_shape = b("Concat", shape, b.const_i64(-1), axis=0)
-    y = b("Reshape", bases, out_shape)
-    return _function(
-        OP_BSPLINE,
-        ["X"],
-        ["grid_size", "spline_order", "grid_lo", "grid_hi"],
-        b,
-        y,
-        overload,
-    )
+    return _bspline_result(b, bases, shape, overload)
+
+
+def _bspline_result(b: _Body, bases: str, shape: str, overload: str) -> FunctionProto:
+    """Reshape ``(rows, G + K)`` bases to ``X.shape + (G + K,)`` and wrap the body."""
+    y = b("Reshape", bases, b("Concat", shape, b.const_i64(-1), axis=0))
+    attributes = ["grid_size", "spline_order", "grid_lo", "grid_hi"]
+    return _function(OP_BSPLINE, ["X"], attributes, b, y, overload)
 
 
 def _bspline_cardinal_function(spline_order: int, overload: str) -> FunctionProto:
@@ -196,26 +194,7 @@ def _bspline_cardinal_function(spline_order: int, overload: str) -> FunctionProt
     shape = b("Shape", "X")
     u = b("Div", b("Sub", b("Reshape", "X", b.const_i64(-1, 1)), lo), h)  # (R, 1)
     r = b("Abs", b("Sub", u, centres))  # (R, M)
-    total = ""
-    for i in range((k_ord + 2) // 2):
-        offset = b.scalar_like((k_ord + 1) / 2 - i, "X")
-        q = b("Relu", b("Sub", offset, r))
-        power = q
-        for _ in range(k_ord - 1):
-            power = b("Mul", power, q)
-        coeff = (-1) ** i * math.comb(k_ord + 1, i) / math.factorial(k_ord)
-        term = b("Mul", power, b.scalar_like(coeff, "X"))
-        total = term if not total else b("Add", total, term)
-    out_shape = b("Concat", shape, b.const_i64(-1), axis=0)
-    y = b("Reshape", total, out_shape)
-    return _function(
-        OP_BSPLINE,
-        ["X"],
-        ["grid_size", "spline_order", "grid_lo", "grid_hi"],
-        b,
-        y,
-        overload,
-    )
+    return _bspline_result(b, _cardinal_terms(b, r, k_ord), shape, overload)
 
 
 def _cardinal_terms(b: _Body, r: str, k_ord: int) -> str:
@@ -279,16 +258,7 @@ def _bspline_local_function(spline_order: int, overload: str) -> FunctionProto:
     dense = b("ScatterElements", zeros, index, pieces, axis=1)
     end = b("Reshape", b("Add", m_int, b.scalar_i64(pad)), b.const_i64(1))
     bases = b("Slice", dense, b.const_i64(pad), end, b.const_i64(1))
-    out_shape = b("Concat", shape, b.const_i64(-1), axis=0)
-    y = b("Reshape", bases, out_shape)
-    return _function(
-        OP_BSPLINE,
-        ["X"],
-        ["grid_size", "spline_order", "grid_lo", "grid_hi"],
-        b,
-        y,
-        overload,
-    )
+    return _bspline_result(b, bases, shape, overload)
 
 
 def rbf_function() -> FunctionProto:
