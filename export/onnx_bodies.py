@@ -75,13 +75,13 @@ class _Body:
 
     def slice0(self, x: str, start: int, end: int) -> str:
         """``x[start:end]`` along axis 0 (end may be negative; 2**62 means 'to the end')."""
-        return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(0))
+        return self.slice_axis(x, start, end, 0)
 
     def slice_axis(self, x: str, start: int, end: int, axis: int) -> str:
         return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(axis))
 
     def slice_last(self, x: str, start: int, end: int) -> str:
-        return self("Slice", x, self.const_i64(start), self.const_i64(end), self.const_i64(-1))
+        return self.slice_axis(x, start, end, -1)
 
 
 _END = 2**62

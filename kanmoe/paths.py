@@ -6,4 +6,3 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PROJECT_ROOT / "data"
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 CALIFORNIA_HOUSING_CSV = DATA_DIR / "california_housing.csv.gz"
-DEFAULT_MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
