@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from kanmoe.errors import ConfigError
 from kanmoe.model.activations import make_activation
 from kanmoe.model.config import ModelConfig
 
@@ -155,10 +156,41 @@ def _sequence(cfg: ModelConfig, n_in: int, seq_len: int, n_out: int) -> nn.Modul
     return GatedSequential(*modules)
 
 
+def _rotations(cfg: ModelConfig, n_in: int, feature_names: list[str] | None) -> nn.Module:
+    from kanmoe.model.features import PairRotations
+
+    if feature_names is None:
+        raise ConfigError("model.rotations: needs the feature names to find rotate_pair")
+    missing = [f for f in cfg.rotate_pair if f not in feature_names]
+    if missing:
+        raise ConfigError(
+            f"model.rotate_pair: {missing} not among the features {list(feature_names)}"
+        )
+    i, j = (list(feature_names).index(f) for f in cfg.rotate_pair)
+    return PairRotations(n_in, (i, j), cfg.rotations)
+
+
 def build_model(
-    cfg: ModelConfig, n_features: int, n_targets: int, seq_len: int | None = None
+    cfg: ModelConfig,
+    n_features: int,
+    n_targets: int,
+    seq_len: int | None = None,
+    feature_names: list[str] | None = None,
 ) -> nn.Module:
-    """Build the network for ``n_features`` inputs (per step if ``seq_len``) and ``n_targets``."""
-    if seq_len is None:
+    """Build the network for ``n_features`` inputs (per step if ``seq_len``) and ``n_targets``.
+
+    With ``model.rotations`` the network starts with a ``PairRotations`` layer (found by
+    ``feature_names``); call ``kanmoe.model.features.fit_feature_layers`` on the training
+    inputs before training.
+    """
+    if seq_len is not None:
+        if cfg.rotations:
+            raise ConfigError("model.rotations: only for tabular data")
+        return _sequence(cfg, n_features, seq_len, n_targets)
+    if not cfg.rotations:
         return _tabular(cfg, n_features, n_targets)
-    return _sequence(cfg, n_features, seq_len, n_targets)
+    expand = _rotations(cfg, n_features, feature_names)
+    net = _tabular(cfg, expand.out_features, n_targets)
+    if isinstance(net, nn.Sequential):  # GatedSequential stays one (gate outputs by name)
+        return type(net)(expand, *net)
+    return nn.Sequential(expand, net)

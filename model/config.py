@@ -106,6 +106,10 @@ class ModelConfig(_Strict):
     load_balance_weight: float | None = Field(None, ge=0.0)  # None: 0.01 with top_k, else 0
     z_loss_weight: float = Field(0.0, ge=0.0)
     gate_input: Literal["auto", "last", "flatten", "all"] = "auto"
+    # fixed input expansion (tabular only): the rotate_pair plane projected on `rotations`
+    # directions over 180° is appended to the inputs (0 = off); see kanmoe.model.features
+    rotations: int = Field(0, ge=0)
+    rotate_pair: tuple[str, str] = ("Latitude", "Longitude")
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +132,8 @@ class ModelConfig(_Strict):
             raise ValueError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
         if self.grid_range[0] >= self.grid_range[1]:
             raise ValueError(f"grid_range {self.grid_range} must be increasing")
+        if 0 < self.rotations < 3:
+            raise ValueError(f"rotations must be 0 (off) or >= 3, got {self.rotations}")
         return self
 
 

@@ -333,6 +333,7 @@ def train_run(
     from kanmoe.errors import RunDirError
     from kanmoe.model.builder import build_model
     from kanmoe.model.data import load_dataset
+    from kanmoe.model.features import fit_feature_layers
     from kanmoe.model.run import atomic_write_text, save_weights, servable_from_prep
 
     out = Path(out_dir)
@@ -352,7 +353,10 @@ def train_run(
         )
         for part in ("train", "val", "test")
     }
-    model = build_model(cfg.model, data.n_features, data.n_targets, data.seq_len)
+    model = build_model(
+        cfg.model, data.n_features, data.n_targets, data.seq_len, prep.feature_names
+    )
+    fit_feature_layers(model, tensors["train"][0])
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run: drop the artefacts of whatever run was here before
         for name in (CHECKPOINT, "weights.safetensors", "metrics.json", "history.csv"):

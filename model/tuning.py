@@ -53,6 +53,7 @@ def run_study(
 
     from kanmoe.model.builder import build_model
     from kanmoe.model.data import load_dataset
+    from kanmoe.model.features import fit_feature_layers
     from kanmoe.model.training import Trainer
 
     space = dict(cfg.tune.params) or DEFAULT_SPACE
@@ -76,7 +77,10 @@ def run_study(
             _with(raw, key, _suggest(trial, key, p))
         trial_cfg = validate_config(raw, source=f"(trial {trial.number})")
         torch.manual_seed(trial_cfg.seed)
-        model = build_model(trial_cfg.model, data.n_features, data.n_targets, data.seq_len)
+        model = build_model(
+            trial_cfg.model, data.n_features, data.n_targets, data.seq_len, prep.feature_names
+        )
+        fit_feature_layers(model, xt)
 
         def report(epoch: int, row: dict) -> None:
             trial.report(row["val_loss"], epoch)
