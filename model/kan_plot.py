@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,17 +16,11 @@ if TYPE_CHECKING:
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Write ``fig`` as PNG to ``path`` through a temp file + os.replace (no torn files)."""
+    from .run import atomic_save
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            FigureCanvasAgg(fig)
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    FigureCanvasAgg(fig)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     return path
 
 

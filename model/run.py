@@ -27,8 +27,19 @@ from kanmoe.model.data import Preprocessing
 REQUIRED_FILES = ("config.yaml", "preprocessing.json", "weights.safetensors")
 
 
+def _umask_mode() -> int:
+    """0o666 minus the process umask: what ``open(path, "w")`` would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and ``os.replace`` (never a torn file)."""
+    """Write via a temp file in the same directory and ``os.replace`` (never a torn file).
+
+    ``mkstemp`` creates the temp file 0600; it gets the usual umask mode before the rename so
+    a run dir written by one user stays readable by a server running as another.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,6 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +67,7 @@ def atomic_save(path: str | Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -253,7 +266,9 @@ def load_run(run_dir: str | Path) -> ServableModel:
     cfg = validate_config(raw, source=str(run_dir / "config.yaml"))
     prep = Preprocessing.from_json((run_dir / "preprocessing.json").read_text())
     seq_len = prep.extra.get("lookback") if cfg.data.kind == "sequence" else None
-    model = build_model(cfg.model, len(prep.feature_names), len(prep.target_names), seq_len)
+    model = build_model(
+        cfg.model, len(prep.feature_names), len(prep.target_names), seq_len, prep.feature_names
+    )
     load_weights(model, run_dir / "weights.safetensors")
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
