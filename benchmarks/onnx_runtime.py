@@ -36,6 +36,8 @@ from kanmoe.export.exporter import export_model
 from kanmoe.paths import CONFIGS_DIR, PROJECT_ROOT
 
 BATCHES = (1, 64, 4096)
+CALIFORNIA_FEATURES = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup",
+                       "Latitude", "Longitude"]  # fmt: skip
 DEFAULT_RUN = PROJECT_ROOT / "default_run"
 
 
@@ -52,9 +54,10 @@ def default_servable(run_dir: Path | None):
 
     cfg = validate_config(read_yaml(CONFIGS_DIR / "california_kamoe.yaml"))
     torch.manual_seed(0)
-    net = build_model(cfg.model, 8, 1, None)
-    names = [f"x{i}" for i in range(8)]
-    servable = build_servable(net, names, ["y"], [0.0] * 8, [1.0] * 8, [0.0], [1.0])
+    names = CALIFORNIA_FEATURES
+    net = build_model(cfg.model, len(names), 1, None, feature_names=names)
+    n = len(names)
+    servable = build_servable(net, names, ["y"], [0.0] * n, [1.0] * n, [0.0], [1.0])
     return servable, "untrained configs/california_kamoe.yaml"
 
 
