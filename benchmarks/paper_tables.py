@@ -10,16 +10,19 @@ Protocol ("paper"): the reference notebooks' training, i.e. Adam 1e-3 (AdamW wit
 decay 0), MSE, batch 128, ReduceLROnPlateau(x0.25, patience 5, min 2.5e-5), early stopping
 (patience 10, min_delta 1e-5, best weights restored), capped at ``--epochs``. X is
 standardised on train; y is standardised too (R² on raw y is unaffected by that choice).
-The "kanmoe recipe" rows use kanmoe's own default training recipe instead.
+The "KAMoE default config" row instead trains the shipped configs/california_kamoe.yaml
+with ``kanmoe.model.training.train_run`` (its own recipe and epochs, same test rows).
 
-    python benchmarks/paper_tables.py            # 3 seeds, every row (about 25 min, 2 cores)
-    python benchmarks/paper_tables.py --quick    # 1 seed, few epochs (smoke test)
+    python benchmarks/paper_tables.py --seeds 3 --epochs 30 --threads 1  # ~35 min, 1 core
+    python benchmarks/paper_tables.py --quick    # 1 seed, few epochs (smoke test, no write)
+    python benchmarks/paper_tables.py --only-recipe --seeds 1   # default config + sklearn only
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,12 +38,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.results_file import machine_line, update_section
-from kanmoe.model.config import TrainConfig
+from kanmoe.model.config import RunConfig, TrainConfig, read_yaml, validate_config
+from kanmoe.model.data import load_dataset
 from kanmoe.model.experts import KANExpert, MLPExpert
-from kanmoe.model.layers import KAN, KANLinear
+from kanmoe.model.layers import KAN
 from kanmoe.model.moe import MoE
-from kanmoe.model.training import Trainer
-from kanmoe.paths import CALIFORNIA_HOUSING_CSV
+from kanmoe.model.training import Trainer, train_run
+from kanmoe.paths import CALIFORNIA_HOUSING_CSV, PROJECT_ROOT
 
 N_IN = 8
 # Best test R² in the reference repo's notebooks (mean of 5 runs), DESIGN.md.
@@ -130,7 +134,6 @@ class Row:
     secs: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     params: int = 0
-    fit: Callable[[nn.Module, Split, int], int] | None = None  # None: the kanmoe Trainer
 
 
 def neural_rows() -> list[Row]:
@@ -191,11 +194,8 @@ def fit_row(row: Row, seeds: list[int], cfg: TrainConfig) -> None:
         model = row.build()
         row.params = sum(p.numel() for p in model.parameters())
         start = time.perf_counter()
-        if row.fit is not None:
-            epochs = row.fit(model, data, seed)
-        else:
-            trainer = Trainer(model, cfg, seed=seed)
-            epochs = trainer.fit(data.x_train, data.y_train, data.x_val, data.y_val).epochs
+        trainer = Trainer(model, cfg, seed=seed)
+        epochs = trainer.fit(data.x_train, data.y_train, data.x_val, data.y_val).epochs
         row.secs.append(time.perf_counter() - start)
         row.epochs.append(epochs)
         model.eval()
@@ -209,103 +209,81 @@ def fit_row(row: Row, seeds: list[int], cfg: TrainConfig) -> None:
         )
 
 
-# -- kanmoe's recipe (goal: beat the paper) ---------------------------------------------
-# KAMoE, 3 experts, each KANLinear(8 -> 128, B-spline grid 32 on [-3, 3]) -> SiLU -> MLP,
-# inputs clamped to +-3 standard deviations inside the expert; trained with AdamW +
-# OneCycle and a per-expert loss (every expert must also fit y on its own).
-RECIPE = {
-    "hidden": (128, 128),
-    "grid_size": 32,
-    "grid_range": (-3.0, 3.0),
-    "clamp": 3.0,
-    "dropout": 0.0,
-    "epochs": 60,
-    "batch_size": 256,
-    "lr": 2e-3,
-    "weight_decay": 1e-4,
-    "pct_start": 0.05,
-    "expert_loss": 1.0,
-    "grad_clip": 1.0,
-}
+# -- the shipped default config (goal: test R² >= 0.85) ---------------------------------
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "california_kamoe.yaml"
+DEFAULT_ROW = f"KAMoE default config ({DEFAULT_CONFIG.relative_to(PROJECT_ROOT)})"
+GOAL_R2 = 0.85
 
 
-class Clamp(nn.Module):
-    """Clip standardised inputs to [-c, c] so far outliers (AveOccup ~ 100 sd) stay in range."""
-
-    def __init__(self, c: float) -> None:
-        super().__init__()
-        self.c = c
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-self.c, self.c)
+def default_config(seed: int, threads: int) -> RunConfig:
+    """The shipped config through kanmoe's own loader, with only seed/progress/threads set."""
+    raw = read_yaml(DEFAULT_CONFIG)
+    raw["seed"] = seed
+    raw.setdefault("train", {}).update(progress=False, threads=threads)
+    return validate_config(raw, source=str(DEFAULT_CONFIG))
 
 
-def recipe_expert() -> nn.Module:
-    """(B, 8) -> (B, 1): clamp, a fine-grid KAN layer, then an MLP."""
-    h = RECIPE["hidden"]
-    return nn.Sequential(
-        Clamp(RECIPE["clamp"]),
-        KANLinear(N_IN, h[0], grid_size=RECIPE["grid_size"], grid_range=RECIPE["grid_range"]),
-        nn.SiLU(),
-        MLPExpert(
-            h[0], hidden=tuple(h[1:]), out_features=1, activation="silu", dropout=RECIPE["dropout"]
-        ),
-    )
+def check_reference_split(cfg: RunConfig) -> None:
+    """Fail unless the config's test rows are exactly the paper rows' test rows."""
+    d = cfg.data
+    if getattr(d, "split", None) != "reference" or d.max_rows is not None:
+        raise ValueError(f"{DEFAULT_CONFIG}: data must use the full reference split, got {d}")
+    if (d.test_size, d.split_seed, list(d.target)) != (0.2, 42, ["MedHouseVal"]):
+        raise ValueError(f"{DEFAULT_CONFIG}: data.test_size/split_seed/target differ from 0.2/42")
+    _, x_te, _, y_te = raw_split()
+    data = load_dataset(d)  # kanmoe keeps float32 values: compare at that precision
+    x_own, y_own = data.x["test"], data.y["test"][:, 0]
+    if not (
+        np.array_equal(x_own, x_te.astype(x_own.dtype))
+        and np.array_equal(y_own, y_te.astype(y_own.dtype))
+    ):
+        raise ValueError(f"{DEFAULT_CONFIG}: its test rows differ from the reference split")
 
 
-def recipe_model() -> MoE:
-    return MoE(recipe_expert, n_experts=3, gate="grkan", input_transform=True, in_features=N_IN)
-
-
-def recipe_text() -> str:
-    r = RECIPE
+def default_config_text(cfg: RunConfig) -> str:
+    """One sentence describing the config, read from the config itself (never restated)."""
+    m, t = cfg.model, cfg.train
     return (
-        f"3 experts, each clamp(±{r['clamp']}) -> KANLinear(8->{r['hidden'][0]}, B-spline grid "
-        f"{r['grid_size']} on {r['grid_range']}) -> SiLU -> MLP {list(r['hidden'][1:])} SiLU -> 1; "
-        f"GRKAN gate, softmax, input transform; AdamW lr {r['lr']}, weight decay "
-        f"{r['weight_decay']}, dropout {r['dropout']}, OneCycle ({r['epochs']} epochs, "
-        f"warm-up {r['pct_start']:.0%}), "
-        f"batch {r['batch_size']}, loss MSE(mixture) + {r['expert_loss']} x mean MSE(each expert), "
-        "best-validation weights restored"
+        f"`{DEFAULT_CONFIG.relative_to(PROJECT_ROOT)}` trained by `train_run` exactly as "
+        f"shipped (only `seed` set per seed): {m.kind}, {m.n_experts} {m.expert} experts, "
+        f"hidden {m.hidden}, {m.activation}, gate {m.gate}, {m.gating_activation}, input "
+        f"transform {m.input_transform}; KAN basis {m.basis} ({m.num_control_points} control "
+        f"points, width {m.spline_width}); {m.rotations} rotations of {list(m.rotate_pair)}; "
+        f"inputs clipped to ±{cfg.data.input_clip}; AdamW lr {t.lr}, weight decay "
+        f"{t.weight_decay}, {t.scheduler}, batch {t.batch_size}, {t.epochs} epochs (its own: "
+        f"NOT subject to the `--epochs` cap), expert loss weight {t.expert_loss_weight}; "
+        f"validation = {cfg.data.val_size:.0%} of train, split seed {cfg.data.split_seed} "
+        "(fixed, where the paper rows draw it per seed)"
     )
 
 
-def fit_recipe(model: nn.Module, data: Split, seed: int) -> int:
-    """AdamW + OneCycle; loss = MSE(mixture) + w * mean_k MSE(expert_k); best-val restore."""
-    r = RECIPE
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    n, bs = len(data.x_train), r["batch_size"]
-    steps = -(-n // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=r["lr"], total_steps=r["epochs"] * steps, pct_start=r["pct_start"]
+def fit_default_config(row: Row, seeds: list[int], threads: int) -> None:
+    """Train the shipped config once per seed into a throw-away run dir."""
+    for seed in seeds:
+        cfg = default_config(seed, threads)
+        with tempfile.TemporaryDirectory(prefix="paper_tables_") as tmp:
+            _, metrics = train_run(cfg, out_dir=tmp, write_plots=False)
+        row.r2.append(float(metrics["test"]["r2"]))
+        row.secs.append(float(metrics["train_seconds"]))
+        row.epochs.append(int(metrics["epochs"]))
+        row.params = int(metrics["n_parameters"])
+        print(f"  {row.name} seed {seed}: R² {row.r2[-1]:.4f} ({row.secs[-1]:.0f} s)", flush=True)
+    torch.set_num_threads(threads)  # train_run set it from the config; keep ours
+
+
+def goal_line(rows: list[Row]) -> str:
+    """The default config's test R² against the goal, with the tuned HGB beside it."""
+    own = next((r for r in rows if r.name == DEFAULT_ROW and r.r2), None)
+    if own is None:
+        return ""
+    mean = float(np.mean(own.r2))
+    verdict = "met" if mean >= GOAL_R2 else "NOT met"
+    hgb = next((r for r in rows if r.name == "HistGradientBoosting (tuned)" and r.r2), None)
+    ref = f"; tuned HistGradientBoosting {fmt(hgb.r2)}" if hgb else ""
+    return (
+        f"- Goal check: default config test R² {fmt(own.r2)} over {len(own.r2)} seed(s) vs "
+        f"goal {GOAL_R2}: {verdict} (worst seed {min(own.r2):.4f}){ref}."
     )
-    gen = torch.Generator().manual_seed(seed)
-    best, best_state = float("inf"), None
-    for _ in range(r["epochs"]):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            loss = nn.functional.mse_loss(model(xb), yb)
-            if r["expert_loss"] > 0:
-                xt = xb * model.input_weight if model.input_weight is not None else xb
-                each = torch.stack([e(xt) for e in model.experts], -1)  # (B, 1, E)
-                loss = loss + r["expert_loss"] * ((each - yb.unsqueeze(-1)) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
-            opt.step()
-            sched.step()
-        model.eval()
-        with torch.no_grad():
-            val = float(nn.functional.mse_loss(model(data.x_val), data.y_val))
-        if val < best:
-            best = val
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return r["epochs"]
 
 
 def sklearn_rows(seeds: list[int]) -> list[Row]:
@@ -383,25 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=100, help="epoch cap, paper protocol")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs: smoke test")
-    parser.add_argument("--skip-recipe", action="store_true", help="leave out the recipe row")
+    parser.add_argument("--skip-recipe", action="store_true", help="leave out the default config")
+    parser.add_argument(
+        "--only-recipe",
+        action="store_true",
+        help="only the default config and sklearn rows; prints, never writes RESULTS.md",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    parser.add_argument("--note", default="", help="one line on the machine's load, in the text")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1 or args.threads < 1:
         parser.error("--seeds, --epochs and --threads must be >= 1")
+    if args.skip_recipe and args.only_recipe:
+        parser.error("--skip-recipe and --only-recipe exclude each other")
     seeds_n, epochs = (1, 3) if args.quick else (args.seeds, args.epochs)
     seeds = list(range(seeds_n))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"paper protocol, seeds {seeds}, epoch cap {epochs}, {args.threads} threads", flush=True)
-    if args.quick:
-        RECIPE["epochs"] = epochs
     cmd = "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = paper_train_config(epochs, args.threads)
-    todo = neural_rows()
-    recipe = Row("KAMoE(KAN→MLP), kanmoe recipe", recipe_model, "grkan", "softmax", "recipe")
-    recipe.fit = fit_recipe
-    # The paper's six configurations first, then references, the recipe, and the gate
-    # variants; the section is rewritten after every row so a cut-short run still reports.
+    shipped = default_config(0, args.threads)
+    check_reference_split(shipped)
+    m = shipped.model
+    recipe = Row(DEFAULT_ROW, nn.Identity, m.gate or "-", m.gating_activation, "config")
+    todo = [] if args.only_recipe else neural_rows()
+    # The paper's six configurations first, then references, the default config, and the
+    # gate variants; the section is rewritten after every row so a cut-short run still reports.
     main_rows = [r for r in todo if r.role]
     variants = [r for r in todo if not r.role]
     done: list[Row] = []
@@ -410,37 +396,57 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(recipe)
     plan += variants
     total = len(plan)
+    write = not (args.no_write or args.quick or args.only_recipe)
     for step in plan:
         if step == "sklearn":
             done += sklearn_rows(seeds)
+        elif step is recipe:
+            fit_default_config(recipe, seeds, args.threads)
+            done.append(recipe)
         else:
             fit_row(step, seeds, cfg)
             done.append(step)
         finished = len(done) >= total + 2  # sklearn adds three rows for one plan entry
-        md = render(done, cmd, seeds, epochs, args.threads, time.perf_counter() - started, finished)
-        if not args.no_write and not args.quick:
+        wall = time.perf_counter() - started
+        md = render(done, cmd, seeds, epochs, args.threads, wall, finished, shipped, args.note)
+        if write:
             update_section("paper_tables", md)
     print("\n" + md)
     return 0
 
 
 def render(
-    rows: list[Row], cmd: str, seeds: list[int], epochs: int, threads: int, wall: float, done: bool
+    rows: list[Row],
+    cmd: str,
+    seeds: list[int],
+    epochs: int,
+    threads: int,
+    wall: float,
+    done: bool,
+    shipped: RunConfig,
+    note: str = "",
 ) -> str:
     state = "" if done else " PARTIAL (run still going or cut short)"
+    note_text = f"Note: {note.strip()}.\n\n" if note.strip() else ""
+    checks = [*ordering(rows), goal_line(rows)]
     return (
         f"## KAMoE paper table: California Housing, reference split{state}\n\n"
         f"Machine: {machine_line()}. Command: `{cmd.strip()}` "
         f"({len(seeds)} seed(s), epoch cap {epochs}, {threads} torch threads, "
-        f"wall time so far {wall / 60:.1f} min).\n\n"
+        f"wall time so far {wall / 60:.1f} min).\n\n{note_text}"
         "Paper protocol for every neural row: Adam 1e-3, MSE, batch 128, ReduceLROnPlateau "
         "(x0.25, patience 5), early stopping (patience 10, best weights restored); 3 experts; "
         f"MLP experts {list(MLP_HIDDEN)} ReLU + Linear(1); KAN widths {list(KAN_WIDTHS)} "
         f"(B-spline, grid {KAN_KW['grid_size']}, range {KAN_KW['grid_range']}). MoE = GRN gate "
         "without input transform; KAMoE = input transform with the gate named in the row. "
         "'paper best' is the best configuration of the reference notebooks (mean of 5 runs), "
-        "not the same widths as here. The recipe row is kanmoe's own setup (not the paper "
-        f"protocol): {recipe_text()}.\n\n" + table(rows) + "\n" + "\n".join(ordering(rows)) + "\n"
+        "not the same widths as here. The default-config row is the shipped default model, "
+        "not the paper protocol (same test rows, checked at start-up): "
+        f"{default_config_text(shipped)}.\n\n"
+        + table(rows)
+        + "\n"
+        + "\n".join(c for c in checks if c)
+        + "\n"
     )
 
 
