@@ -11,6 +11,10 @@ the K + 1 non-zero pieces and scatters them (faster still at batch 4096, slower 
 batches). The recursion is kept in two layouts for comparison and for K = 0: knots-first
 ``(knots, rows)`` with one final Transpose (2-5x faster than rows-first) and rows-first as
 efficient-kan writes it.
+
+The shipped lookup body (``"chunked"``) gathers value/slope rows and contracts them with one
+batched MatMul; above LOOKUP_CHUNK_ROWS rows it does so block by block in a ``Scan`` so the
+gathered rows stay in cache (torch's ``embedding_bag`` never materialises them at all).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, TypeProto, helper
 
 DOMAIN = "ai.kanmoe"
 DOMAIN_VERSION = 1
@@ -32,19 +36,22 @@ OP_RBF = "RBFBasis"
 OP_LOOKUP = "LinearSplineLookup"
 OP_TYPES = (OP_BSPLINE, OP_RBF, OP_LOOKUP)
 BSPLINE_LAYOUTS = ("cardinal", "local", "knots_first", "rows_first")
-LOOKUP_LAYOUTS = ("value_slope", "hat_matmul", "gather")
+LOOKUP_LAYOUTS = ("chunked", "value_slope", "hat_matmul", "gather")  # first: shipped
+#: Rows per Scan step of the "chunked" lookup: the gathered (rows, I, 2*O) block stays in cache.
+LOOKUP_CHUNK_ROWS = 512
 
 
 class _Body:
     """Tiny node builder: every call appends one node and returns its fresh output name."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "_t") -> None:
         self.nodes: list[NodeProto] = []
         self._n = 0
+        self._prefix = prefix  # subgraph bodies use their own, so names never clash
 
     def __call__(self, op: str, *inputs: str, **attrs: Any) -> str:
         self._n += 1
-        out = f"_t{self._n}"
+        out = f"{self._prefix}{self._n}"
         self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
         return out
 
@@ -63,7 +70,7 @@ class _Body:
     def attr_ref(self, attr: str, kind: str) -> str:
         """A Constant whose value is the calling node's attribute ``attr`` (0-D)."""
         self._n += 1
-        out = f"_t{self._n}"
+        out = f"{self._prefix}{self._n}"
         node = helper.make_node("Constant", [], [out])
         ref = helper.make_attribute_ref(
             f"value_{kind}", AttributeProto.FLOAT if kind == "float" else AttributeProto.INT
@@ -274,7 +281,7 @@ def rbf_function() -> FunctionProto:
     return _function(OP_RBF, ["X"], ["num_centers", "grid_lo", "grid_hi"], b, y, "")
 
 
-def lookup_function(layout: str = "value_slope") -> FunctionProto:
+def lookup_function(layout: str = "chunked") -> FunctionProto:
     """FunctionProto for ``LinearSplineLookup`` (y = sum over inputs of a linear interpolant).
 
     Position ``u = (x - lo) / (hi - lo) * (N - 1)``, segment ``i = clip(floor(u), 0, N - 2)``,
@@ -282,9 +289,12 @@ def lookup_function(layout: str = "value_slope") -> FunctionProto:
 
     Layouts (all exact to float rounding; the benchmark compares them):
 
-    - ``"value_slope"`` (shipped): one Gather from a ``(I*N, 2*O)`` table of
+    - ``"value_slope"``: one Gather from a ``(I*N, 2*O)`` table of
       ``[c[p, i], c[p, i+1] - c[p, i]]`` (built from C; ORT constant-folds it when C is an
       initializer), then one batched MatMul with the weights ``[1, u - i]``.
+    - ``"chunked"`` (shipped): ``value_slope``, but above LOOKUP_CHUNK_ROWS rows an ``If``
+      runs the Gather + MatMul in a ``Scan`` over blocks of rows that stay in cache
+      (about 1.5x faster at batch 4096, the same below the threshold).
     - ``"hat_matmul"``: hat weights ``relu(1 - |clip(u, 0, N-1) - j|)`` over the N points,
       one MatMul with the ``(I*N, O)`` table, plus end-segment slopes times the overshoot.
     - ``"gather"``: two Gathers of ``(rows, I, O)`` and a lerp (the textbook form).
@@ -312,7 +322,7 @@ def lookup_function(layout: str = "value_slope") -> FunctionProto:
         c1 = b("Gather", table, b("Add", flat_idx, b.scalar_i64(1)), axis=0)
         val = b("Add", c0, b("Mul", frac, b("Sub", c1, c0)))
         y = b("ReduceSum", val, b.const_i64(1), keepdims=0)  # (R, O)
-    elif layout == "value_slope":
+    elif layout in ("value_slope", "chunked"):
         seg = b("Clip", b("Floor", u), zero, b("Sub", n_seg, one))
         frac = b("Sub", u, seg)  # (R, I)
         row = b("Mul", b("Range", b.scalar_i64(0), n_in, b.scalar_i64(1)), n_pts)  # (I,)
@@ -324,10 +334,6 @@ def lookup_function(layout: str = "value_slope") -> FunctionProto:
                b("Unsqueeze", slope, b.const_i64(2)), axis=2)  # fmt: skip
         n_out = b.slice_last(c_shape, 2, 3)
         vs = b("Reshape", vs, b("Concat", b.const_i64(-1), b("Mul", n_out, b.const_i64(2)), axis=0))
-        g = b("Gather", vs, flat_idx, axis=0)  # (R, I, 2*O)
-        g = b(
-            "Reshape", g, b("Concat", b.const_i64(0), b.const_i64(-1), n_out, axis=0)
-        )  # (R, 2I, O)
         w = b(
             "Concat",
             b("Unsqueeze", b("Add", b("Mul", frac, zero), one), b.const_i64(-1)),
@@ -335,7 +341,12 @@ def lookup_function(layout: str = "value_slope") -> FunctionProto:
             axis=2,
         )  # fmt: skip  (R, I, 2)
         w = b("Reshape", w, b.const_i64(0, 1, -1))  # (R, 1, 2I)
-        y = b("Squeeze", b("MatMul", w, g), b.const_i64(1))
+        pair_shape = b("Concat", b.const_i64(0), b.const_i64(-1), n_out, axis=0)
+        if layout == "value_slope":
+            g = b("Gather", vs, flat_idx, axis=0)  # (R, I, 2*O)
+            y = b("Squeeze", b("MatMul", w, b("Reshape", g, pair_shape)), b.const_i64(1))
+        else:
+            y = _chunked_gather_matmul(b, vs, flat_idx, w, pair_shape, n_out)
     else:
         uc = b("Clip", u, zero, n_seg)
         pos = b("CastLike", b("Range", b.scalar_i64(0), n_pts, b.scalar_i64(1)), "X")  # (N,)
@@ -354,3 +365,56 @@ def lookup_function(layout: str = "value_slope") -> FunctionProto:
     out_shape = b("Concat", b.slice_last(x_shape, 0, -1), b.slice_last(c_shape, 2, 3), axis=0)
     y = b("Reshape", y, out_shape)
     return _function(OP_LOOKUP, ["X", "C"], ["grid_lo", "grid_hi"], b, y, "")
+
+
+def _chunked_gather_matmul(
+    b: _Body, vs: str, flat_idx: str, w: str, pair_shape: str, n_out: str
+) -> str:
+    """``value_slope``'s Gather + MatMul, run by a ``Scan`` over blocks of rows when many.
+
+    One Gather over a large batch writes a (rows, I, 2*O) block far bigger than the cache
+    and the MatMul reads it back from memory; blocks of LOOKUP_CHUNK_ROWS rows stay in cache
+    (about 1.5x faster at batch 4096). Up to LOOKUP_CHUNK_ROWS rows an ``If`` takes the plain
+    path, which has less fixed cost. The last block is padded with index 0, weight 0 and cut
+    off afterwards. Both branches read the tensors above from the enclosing scope.
+    """
+    rows = b("Shape", flat_idx, end=1)  # (1,)
+    limit = b.const_i64(LOOKUP_CHUNK_ROWS)
+    many = b("Squeeze", b("Greater", rows, limit), b.const_i64(0))
+
+    plain = _Body("_plain")
+    g = plain("Gather", vs, flat_idx, axis=0)
+    plain("Reshape", plain("MatMul", w, plain("Reshape", g, pair_shape)),
+          plain("Concat", plain.const_i64(-1), n_out, axis=0))  # fmt: skip
+
+    blocks = _Body("_blocks")
+    n_blocks = blocks("Div", blocks("Add", rows, blocks.const_i64(LOOKUP_CHUNK_ROWS - 1)), limit)
+    pad = blocks("Sub", blocks("Mul", n_blocks, limit), rows)
+    no = blocks.const_i64(0)
+    idx = blocks("Pad", flat_idx, blocks("Concat", no, no, pad, no, axis=0))
+    wts = blocks("Pad", w, blocks("Concat", no, no, no, pad, no, no, axis=0))
+    idx = blocks("Reshape", idx, blocks("Concat", blocks.const_i64(-1), limit,
+                                        blocks("Shape", flat_idx, start=1), axis=0))  # fmt: skip
+    wts = blocks("Reshape", wts, blocks("Concat", blocks.const_i64(-1), limit,
+                                        blocks("Shape", w, start=1), axis=0))  # fmt: skip
+    step = helper.make_graph(
+        [
+            helper.make_node("Gather", [vs, "idx_b"], ["g_b"], axis=0),
+            helper.make_node("Reshape", ["g_b", pair_shape], ["pairs_b"]),
+            helper.make_node("MatMul", ["w_b", "pairs_b"], ["y_b"]),
+        ],
+        "lookup_block",
+        [helper.make_value_info("idx_b", TypeProto()), helper.make_value_info("w_b", TypeProto())],
+        [helper.make_value_info("y_b", TypeProto())],
+    )
+    y = blocks("Scan", idx, wts, num_scan_inputs=2, body=step)  # (blocks, block, 1, O)
+    y = blocks("Reshape", y, blocks("Concat", blocks.const_i64(-1), n_out, axis=0))
+    blocks("Slice", y, blocks.const_i64(0), rows, blocks.const_i64(0))
+
+    def branch(body: _Body, name: str):
+        return helper.make_graph(
+            body.nodes, name, [], [helper.make_value_info(body.nodes[-1].output[0], TypeProto())]
+        )
+
+    return b("If", many, then_branch=branch(blocks, "lookup_blocks"),
+             else_branch=branch(plain, "lookup_plain"))  # fmt: skip

@@ -40,6 +40,7 @@ from kanmoe.export.onnx_bodies import (  # noqa: F401  (re-exported)
     DOMAIN,
     DOMAIN_VERSION,
     IR_VERSION,
+    LOOKUP_CHUNK_ROWS,
     LOOKUP_LAYOUTS,
     ONNX_OPSET,
     OP_BSPLINE,
@@ -139,7 +140,7 @@ def _spline_order(node: NodeProto) -> int:
 
 
 def attach_functions(
-    model: onnx.ModelProto, layout: str = "cardinal", lookup_layout: str = "value_slope"
+    model: onnx.ModelProto, layout: str = "cardinal", lookup_layout: str = "chunked"
 ) -> onnx.ModelProto:
     """Add the FunctionProto of every ai.kanmoe op the graph uses, in place; returns ``model``.
 
@@ -199,7 +200,7 @@ def single_op_model(
     c_shape: tuple[int, ...] | None = None,
     elem_type: int = TensorProto.FLOAT,
     layout: str = "cardinal",
-    lookup_layout: str = "value_slope",
+    lookup_layout: str = "chunked",
 ) -> onnx.ModelProto:
     """A model holding one ai.kanmoe node plus its function (tests and benchmarks)."""
     inputs = [helper.make_tensor_value_info("X", elem_type, list(x_shape))]

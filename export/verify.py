@@ -15,9 +15,12 @@ import onnx
 
 from kanmoe.errors import ExportError
 from kanmoe.export.exporter import INPUT_NAME
+from kanmoe.export.onnx_bodies import LOOKUP_CHUNK_ROWS
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_BATCH_SIZES = (1, 7, 256)
+#: ORT-only extra batch: more rows than one block of the chunked lookup body.
+LARGE_BATCH = 2 * LOOKUP_CHUNK_ROWS + 1
 
 
 @dataclass
@@ -157,6 +160,11 @@ def verify_model(
         if ref is not None:
             got = ref.run(names, {INPUT_NAME: x})
             report.cases.append(CaseResult("ref", label, len(x), _scaled_errors(got, want, names)))
+    # ORT only: a batch above the lookup body's block size takes its Scan-over-blocks path
+    x = random_inputs(servable, LARGE_BATCH, seed + len(batch_sizes), real_inputs)
+    got = sess.run(names, {INPUT_NAME: x})
+    want = _torch_outputs(servable, x, names, gate_outputs)
+    report.cases.append(CaseResult("ort", "random", len(x), _scaled_errors(got, want, names)))
     if raise_on_failure and not report.ok:
         raise ExportError(f"ONNX output differs from torch:\n{report.summary()}")
     return report

@@ -146,6 +146,36 @@ def test_lookup_matches_numpy_with_extrapolation(layout, n_in, n_pts, n_out, dty
         np.testing.assert_allclose(got, ref, atol=10 * tol, rtol=10 * tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [ops.LOOKUP_CHUNK_ROWS + 1, 3 * ops.LOOKUP_CHUNK_ROWS])
+def test_chunked_lookup_block_path_matches_numpy(rows, dtype):
+    """Above LOOKUP_CHUNK_ROWS the shipped body scans blocks (last one padded, then cut)."""
+    elem, tol = _dtype_args(dtype)
+    n_in, n_pts, n_out = 3, 7, 2
+    model = ops.single_op_model(
+        ops.OP_LOOKUP, dict(grid_lo=-1.0, grid_hi=2.0), ("B", "T", n_in),
+        c_shape=(n_in, n_pts, n_out), elem_type=elem, lookup_layout="chunked",
+    )  # fmt: skip
+    scans = [n.op_type for f in model.functions for n in _all_nodes(f.node)]
+    assert "Scan" in scans and "If" in scans
+    rng = np.random.default_rng(rows)
+    x = rng.uniform(-3, 4, (rows, 1, n_in)).astype(dtype)  # leading dims are flattened
+    c = rng.normal(size=(n_in, n_pts, n_out)).astype(dtype)
+    ref = lookup_ref(x, c, -1.0, 2.0)
+    for got in (run_ort(model, {"X": x, "C": c})[0], run_ref(model, {"X": x, "C": c})[0]):
+        assert got.shape == (rows, 1, n_out)
+        np.testing.assert_allclose(got, ref, atol=10 * tol, rtol=10 * tol)
+
+
+def _all_nodes(nodes):
+    """Nodes including those inside If/Scan subgraphs."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g.node)
+
+
 def _two_order_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 4])
     n3 = helper.make_node(
