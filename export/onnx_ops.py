@@ -40,6 +40,7 @@ from kanmoe.export.onnx_bodies import (  # noqa: F401  (re-exported)
     DOMAIN,
     DOMAIN_VERSION,
     IR_VERSION,
+    LOOKUP_BLOCK_ELEMENTS,
     LOOKUP_CHUNK_ROWS,
     LOOKUP_LAYOUTS,
     ONNX_OPSET,

@@ -147,11 +147,19 @@ def test_lookup_matches_numpy_with_extrapolation(layout, n_in, n_pts, n_out, dty
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows", [ops.LOOKUP_CHUNK_ROWS + 1, 3 * ops.LOOKUP_CHUNK_ROWS])
-def test_chunked_lookup_block_path_matches_numpy(rows, dtype):
-    """Above LOOKUP_CHUNK_ROWS the shipped body scans blocks (last one padded, then cut)."""
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "rows"),
+    [
+        (3, 2, ops.LOOKUP_CHUNK_ROWS + 1),  # narrow rows: blocks of LOOKUP_CHUNK_ROWS
+        (3, 2, 3 * ops.LOOKUP_CHUNK_ROWS),  # no padding needed
+        (64, 64, 200),  # wide rows: the element budget gives 64-row blocks
+    ],
+)
+def test_chunked_lookup_block_path_matches_numpy(n_in, n_out, rows, dtype):
+    """Batches bigger than one block go through the Scan (last block padded, then cut)."""
+    assert ops.LOOKUP_BLOCK_ELEMENTS // (64 * 2 * 64) < 200 < ops.LOOKUP_CHUNK_ROWS
     elem, tol = _dtype_args(dtype)
-    n_in, n_pts, n_out = 3, 7, 2
+    n_pts = 7
     model = ops.single_op_model(
         ops.OP_LOOKUP, dict(grid_lo=-1.0, grid_hi=2.0), ("B", "T", n_in),
         c_shape=(n_in, n_pts, n_out), elem_type=elem, lookup_layout="chunked",
