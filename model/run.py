@@ -29,9 +29,12 @@ REQUIRED_FILES = ("config.yaml", "preprocessing.json", "weights.safetensors")
 
 def _umask_mode() -> int:
     """0o666 minus the process umask: what ``open(path, "w")`` would have given."""
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read the umask is to set it; done once, at import
     os.umask(mask)
     return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -48,7 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,7 +70,7 @@ def atomic_save(path: str | Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
