@@ -37,7 +37,7 @@ OP_LOOKUP = "LinearSplineLookup"
 OP_TYPES = (OP_BSPLINE, OP_RBF, OP_LOOKUP)
 BSPLINE_LAYOUTS = ("cardinal", "local", "knots_first", "rows_first")
 LOOKUP_LAYOUTS = ("chunked", "value_slope", "hat_matmul", "gather")  # first: shipped
-#: Rows per Scan step of the "chunked" lookup: the gathered (rows, I, 2*O) block stays in cache.
+#: At most this many rows per Scan step of the "chunked" lookup body.
 LOOKUP_CHUNK_ROWS = 512
 #: Gathered floats per block (rows * I * 2 * O, 2 MB in float32): the block stays in cache.
 #: 2**18..2**20 measured alike on the default model and a 64->64 layer; unbounded blocks
@@ -389,11 +389,11 @@ def _chunked_gather_matmul(
     limit = b("Div", b.const_i64(LOOKUP_BLOCK_ELEMENTS), row_elems)  # rows per cached block
     limit = b("Max", b("Min", limit, b.const_i64(LOOKUP_CHUNK_ROWS)), b.const_i64(8))
     many = b("Squeeze", b("Greater", rows, limit), b.const_i64(0))
+    flat_out = b("Concat", b.const_i64(-1), n_out, axis=0)  # (rows, O)
 
     plain = _Body("_plain")
     g = plain("Gather", vs, flat_idx, axis=0)
-    plain("Reshape", plain("MatMul", w, plain("Reshape", g, pair_shape)),
-          plain("Concat", plain.const_i64(-1), n_out, axis=0))  # fmt: skip
+    plain("Reshape", plain("MatMul", w, plain("Reshape", g, pair_shape)), flat_out)
 
     blocks = _Body("_blocks")
     n_blocks = blocks("Div", blocks("Sub", blocks("Add", rows, limit), blocks.const_i64(1)), limit)
@@ -416,7 +416,7 @@ def _chunked_gather_matmul(
         [helper.make_value_info("y_b", TypeProto())],
     )
     y = blocks("Scan", idx, wts, num_scan_inputs=2, body=step)  # (blocks, block, 1, O)
-    y = blocks("Reshape", y, blocks("Concat", blocks.const_i64(-1), n_out, axis=0))
+    y = blocks("Reshape", y, flat_out)
     blocks("Slice", y, blocks.const_i64(0), rows, blocks.const_i64(0))
 
     def branch(body: _Body, name: str):
