@@ -22,6 +22,7 @@ import onnx
 
 from kanmoe.errors import ExportError
 from kanmoe.export import onnx_ops
+from kanmoe.export.graph_passes import merge_shared_lookups
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -150,7 +151,8 @@ def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
 def finish_model(
     model: onnx.ModelProto, metadata: Mapping[str, str], layout: str = "cardinal"
 ) -> onnx.ModelProto:
-    """Attach function bodies, pin IR, set metadata and check the proto (in place)."""
+    """Merge shared lookups, attach function bodies, pin IR, set metadata, check (in place)."""
+    merge_shared_lookups(model)
     onnx_ops.attach_functions(model, layout=layout)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, dict(metadata))

@@ -186,6 +186,51 @@ def test_graph_has_kanmoe_nodes_with_bodies(exported):
     assert names[1:] == list(_gate_names(model).values())
 
 
+def test_experts_sharing_an_input_get_one_merged_lookup(exports):
+    """The second MoE's two KANLinear experts (3 outputs each) read one tensor: one node."""
+    _, _, model = exports("two_moe_mlp_linear_lookup")
+    lookups = [n for n in model.graph.node if n.op_type == onnx_ops.OP_LOOKUP]
+    (merged,) = lookups
+    inits = {t.name: t for t in model.graph.initializer}
+    assert list(inits[merged.input[1]].dims) == [6, 8, 2 * 3]
+    (split,) = [n for n in model.graph.node if n.op_type == "Split"]
+    assert list(split.input) == [merged.output[0], split.input[1]] and len(split.output) == 2
+    # the per-expert tables are gone; the parity tests above run this very graph
+    assert not any(name.endswith("control_points") for name in inits)
+
+
+def test_lookups_with_different_inputs_stay_apart():
+    from kanmoe.export.graph_passes import merge_shared_lookups
+
+    rng = np.random.default_rng(0)
+    tables = [rng.normal(size=(2, 5, 3)).astype(np.float32) for _ in range(3)]
+    nodes = [
+        onnx.helper.make_node(onnx_ops.OP_LOOKUP, [x, f"C{i}"], [f"Y{i}"], domain=onnx_ops.DOMAIN,
+                              grid_lo=-1.0, grid_hi=1.0)
+        for i, x in enumerate(["X", "X", "Z"])
+    ]  # fmt: skip
+    nodes.append(onnx.helper.make_node("Sum", ["Y0", "Y1", "Y2"], ["Y"]))
+    vi = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        nodes, "g", [vi(n, onnx.TensorProto.FLOAT, ["B", 2]) for n in ("X", "Z")],
+        [vi("Y", onnx.TensorProto.FLOAT, ["B", 3])],
+        [onnx.numpy_helper.from_array(t, f"C{i}") for i, t in enumerate(tables)],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", onnx_ops.ONNX_OPSET),
+        onnx.helper.make_opsetid(onnx_ops.DOMAIN, 1)])  # fmt: skip
+    onnx_ops.attach_functions(model)
+    feeds = {"X": rng.uniform(-2, 2, (9, 2)).astype(np.float32),
+             "Z": rng.uniform(-2, 2, (9, 2)).astype(np.float32)}  # fmt: skip
+    before = ort_session(model).run(None, feeds)[0]
+    assert merge_shared_lookups(model) == 1
+    ops_after = [n.op_type for n in model.graph.node]
+    assert ops_after.count(onnx_ops.OP_LOOKUP) == 2 and "Split" in ops_after
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(ort_session(model).run(None, feeds)[0], before, atol=1e-6)
+    assert merge_shared_lookups(model) == 0  # nothing left to merge
+
+
 def test_metadata_round_trips(exported):
     _, servable, model = exported
     meta = read_metadata(onnx.load_from_string(model.SerializeToString()))
