@@ -1,0 +1,167 @@
+"""What the service knows about one model version, read from its ``kanmoe.json`` sidecar.
+
+The sidecar is written by ``kanmoe export`` (``kanmoe.export.repository.model_info``). Reading
+it needs no torch and no ONNX: the service decides names, shapes, ranges and gate layers
+from this file and checks them against the ONNX session when the version loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SIDECAR_NAME = "kanmoe.json"
+MODEL_FILE_NAME = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+class ModelSpecError(ValueError):
+    """A version directory's sidecar is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class GateLayer:
+    """One MoE layer's gate: its graph output and the names of its experts, in column order."""
+
+    layer: str
+    output: str
+    experts: tuple[str, ...]
+    # Mean gate weight per expert on the exporter's reference rows (test split); None if absent.
+    reference_shares: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    feature_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    gates: tuple[GateLayer, ...]
+    is_sequence: bool = False
+    seq_len: int | None = None
+    # Raw (unstandardised) training range per feature: (min, max); None if the export lacks it.
+    feature_ranges: dict[str, tuple[float, float]] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    kanmoe_version: str = ""
+    config_hash: str = ""
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.target_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Graph outputs in the order the service returns them: prediction first, then gates."""
+        names = [OUTPUT_NAME, *(g.output for g in self.gates)]
+        return names + [n for n in self.outputs if n not in names]
+
+    def input_shape(self) -> list[int]:
+        """v2 metadata shape of ``input`` (-1 for dynamic axes)."""
+        if self.is_sequence:
+            return [-1, -1, self.n_features]
+        return [-1, self.n_features]
+
+    def output_shape(self, name: str) -> list[int]:
+        dims = self.outputs.get(name)
+        if dims is None:
+            raise KeyError(name)
+        return [-1, *dims]
+
+
+def _names(info: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+    value = info.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ModelSpecError(f"{path}: '{key}' must be a non-empty list of strings")
+    if len(set(value)) != len(value):
+        raise ModelSpecError(f"{path}: '{key}' has duplicate names")
+    return tuple(value)
+
+
+def _ranges(info: dict[str, Any], features: tuple[str, ...], path: Path):
+    raw = info.get("feature_ranges")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != set(features):
+        raise ModelSpecError(f"{path}: 'feature_ranges' must map every feature to [min, max]")
+    out: dict[str, tuple[float, float]] = {}
+    for name in features:
+        pair = raw[name]
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in pair)
+            or pair[0] > pair[1]
+        ):
+            raise ModelSpecError(f"{path}: feature_ranges[{name!r}] must be [min, max], finite")
+        out[name] = (float(pair[0]), float(pair[1]))
+    return out
+
+
+def _gates(info: dict[str, Any], path: Path) -> tuple[GateLayer, ...]:
+    experts = info.get("expert_names") or {}
+    outputs = info.get("gate_outputs") or {}
+    reference = info.get("gate_reference") or {}
+    if not isinstance(experts, dict) or not isinstance(outputs, dict):
+        raise ModelSpecError(f"{path}: 'expert_names' and 'gate_outputs' must be objects")
+    if set(experts) != set(outputs):
+        raise ModelSpecError(f"{path}: 'expert_names' and 'gate_outputs' name different layers")
+    gates = []
+    for layer, names in experts.items():
+        if not isinstance(names, list) or not names:
+            raise ModelSpecError(f"{path}: expert_names[{layer!r}] must be a non-empty list")
+        shares = None
+        ref = reference.get(layer) if isinstance(reference, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("shares"), list):
+            if len(ref["shares"]) != len(names):
+                raise ModelSpecError(f"{path}: gate_reference[{layer!r}] has the wrong length")
+            shares = tuple(float(v) for v in ref["shares"])
+        gates.append(GateLayer(layer, str(outputs[layer]), tuple(map(str, names)), shares))
+    return tuple(gates)
+
+
+def load_spec(version_dir: str | Path, name: str | None = None) -> ModelSpec:
+    """Read ``version_dir/kanmoe.json``; the directory names give model name and version."""
+    version_dir = Path(version_dir)
+    path = version_dir / SIDECAR_NAME
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelSpecError(f"{path} is missing (export the model with `kanmoe export`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSpecError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ModelSpecError(f"{path}: expected a JSON object")
+    features = _names(info, "feature_names", path)
+    targets = _names(info, "target_names", path)
+    is_sequence = bool(info.get("is_sequence", False))
+    seq_len = info.get("seq_len")
+    if is_sequence and not (isinstance(seq_len, int) and seq_len > 0):
+        raise ModelSpecError(f"{path}: a sequence model needs a positive 'seq_len'")
+    outputs = info.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        raise ModelSpecError(f"{path}: 'outputs' must be an object")
+    return ModelSpec(
+        name=name or version_dir.parent.name,
+        version=version_dir.name,
+        feature_names=features,
+        target_names=targets,
+        gates=_gates(info, path),
+        is_sequence=is_sequence,
+        seq_len=int(seq_len) if is_sequence else None,
+        feature_ranges=_ranges(info, features, path),
+        metrics=info.get("metrics") or {},
+        kanmoe_version=str(info.get("kanmoe_version", "")),
+        config_hash=str(info.get("config_hash", "")),
+        outputs={str(k): list(v) for k, v in outputs.items()},
+        raw=info,
+    )
