@@ -4,6 +4,7 @@
 - :mod:`kanmoe.export.exporter`: ``ServableModel`` -> ``onnx.ModelProto``.
 - :mod:`kanmoe.export.verify`: parity of ORT and ReferenceEvaluator against torch.
 - :mod:`kanmoe.export.repository`: Triton-style model repository writer.
+- :mod:`kanmoe.export.stats`: training feature ranges and gate reference for ``kanmoe.json``.
 
 Importing this package does not import torch; the names below load their module on first use.
 """
@@ -15,6 +16,8 @@ _LAZY = {
     "export_model": "kanmoe.export.exporter",
     "export_run": "kanmoe.export.repository",
     "write_repository_entry": "kanmoe.export.repository",
+    "run_stats": "kanmoe.export.stats",
+    "RunStats": "kanmoe.export.stats",
     "verify_model": "kanmoe.export.verify",
     "VerifyReport": "kanmoe.export.verify",
     "attach_functions": "kanmoe.export.onnx_ops",

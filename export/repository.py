@@ -4,7 +4,9 @@ Layout written for one export::
 
     REPO/NAME/config.pbtxt        platform onnxruntime_onnx, inputs/outputs, dynamic batching
     REPO/NAME/N/model.onnx        the self-contained model (ai.kanmoe functions attached)
-    REPO/NAME/N/kanmoe.json       feature/target/expert names, metrics, version, config hash
+    REPO/NAME/N/kanmoe.json       feature/target/expert names, metrics, version, config hash,
+                                  and (when the run's data can be rebuilt) the training feature
+                                  ranges and the test-split gate reference (kanmoe.export.stats)
 
 Everything is built in a temporary directory beside the target and moved in with renames,
 so a failed export leaves nothing behind and readers never see a half-written version.
@@ -13,10 +15,12 @@ so a failed export leaves nothing behind and readers never see a half-written ve
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from kanmoe.export.exporter import read_metadata
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_MAX_BATCH_SIZE = 1024
 DEFAULT_QUEUE_DELAY_US = 1000
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -70,11 +75,21 @@ def config_pbtxt(model: onnx.ModelProto, name: str, max_batch_size: int) -> str:
     )
 
 
-def model_info(model: onnx.ModelProto, name: str, version: int) -> dict[str, Any]:
-    """The ``kanmoe.json`` sidecar: the model's metadata plus the tensor names and shapes."""
+def model_info(
+    model: onnx.ModelProto, name: str, version: int, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``kanmoe.json`` sidecar: the model's metadata, tensor names and shapes, then ``extra``.
+
+    ``extra`` holds what is not in the ONNX file (e.g. training feature ranges); it may not
+    redefine a key taken from the model, so the sidecar never contradicts the graph.
+    """
     info: dict[str, Any] = {"name": name, "version": version, **read_metadata(model)}
     info["inputs"] = {v.name: _dims(v) for v in model.graph.input}
     info["outputs"] = {v.name: _dims(v) for v in model.graph.output}
+    clash = sorted(set(extra or {}) & set(info))
+    if clash:
+        raise ExportError(f"kanmoe.json: extra keys {clash} would replace the model's own")
+    info.update(extra or {})
     return info
 
 
@@ -114,11 +129,12 @@ def write_repository_entry(
     version: int | None = None,
     force: bool = False,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    extra: Mapping[str, Any] | None = None,
 ) -> WrittenModel:
     """Write ``model`` as ``repository/name/version``; ``version=None`` means next free one.
 
     An existing version is an error unless ``force``, which replaces it. ``config.pbtxt`` is
-    rewritten to describe the new model.
+    rewritten to describe the new model. ``extra`` keys are added to ``kanmoe.json``.
     """
     repository = Path(repository)
     _check_target(repository, name, version)
@@ -136,7 +152,7 @@ def write_repository_entry(
     try:
         (stage / str(version)).mkdir()
         onnx.save_model(model, stage / str(version) / "model.onnx")
-        info = json.dumps(model_info(model, name, version), indent=2, default=str)
+        info = json.dumps(model_info(model, name, version, extra), indent=2, default=str)
         (stage / str(version) / "kanmoe.json").write_text(info + "\n")
         (stage / "config.pbtxt").write_text(config_pbtxt(model, name, max_batch_size))
         if created_repo_dir:
@@ -179,6 +195,8 @@ def _real_inputs(servable: Any, rows: int = 256):
 class ExportResult:
     written: WrittenModel
     report: Any  # kanmoe.export.verify.VerifyReport or None
+    # Why kanmoe.json lacks feature_ranges/gate_reference (data not rebuilt); None if it has them.
+    stats_skipped: str | None = None
 
 
 def export_run(
@@ -191,9 +209,12 @@ def export_run(
 ) -> ExportResult:
     """Load a trained run, export it, optionally verify parity, then write the repository entry.
 
-    Nothing is written unless every earlier step succeeded.
+    Nothing is written unless every earlier step succeeded. The sidecar also gets the run's
+    training feature ranges and test-split gate reference (:mod:`kanmoe.export.stats`); when
+    the run's data cannot be rebuilt it is written without them and one warning line says so.
     """
     from kanmoe.export.exporter import export_model
+    from kanmoe.export.stats import run_stats
     from kanmoe.model.run import load_run
 
     repository = Path(repository)
@@ -208,5 +229,10 @@ def export_run(
         from kanmoe.export.verify import verify_model
 
         report = verify_model(servable, model, real_inputs=_real_inputs(servable))
-    written = write_repository_entry(model, repository, name, version=version, force=force)
-    return ExportResult(written, report)
+    stats = run_stats(run_dir, servable)
+    if stats.skipped:
+        log.warning("kanmoe.json has no feature_ranges/gate_reference: %s", stats.skipped)
+    written = write_repository_entry(
+        model, repository, name, version=version, force=force, extra=stats.values
+    )
+    return ExportResult(written, report, stats.skipped)
