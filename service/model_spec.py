@@ -20,7 +20,7 @@ OUTPUT_NAME = "output"
 
 
 class ModelSpecError(ValueError):
-    """A version directory's sidecar is missing, unreadable or inconsistent; the message names it."""
+    """A version's sidecar is missing, unreadable or inconsistent; the message names it."""
 
 
 @dataclass(frozen=True)

@@ -22,3 +22,30 @@ def california_csv() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """One real ``kanmoe serve`` on the shipped repository for read-only tests."""
+    from tests.serving import start_server
+
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_factory():
+    """Start private servers (own repository copy, own settings); stopped after the test."""
+    from tests.serving import start_server
+
+    started = []
+
+    def start(*args, **kwargs):
+        server = start_server(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

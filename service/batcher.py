@@ -1,0 +1,185 @@
+"""Dynamic micro-batching: concurrent requests for one model version share one session run.
+
+Policy: a batch starts as soon as the runner is free, taking every queued request up to
+``max_batch_rows`` (so a lone request pays no delay), and waits up to ``max_delay_s`` for
+more rows only when that is set above zero. While one batch runs in the worker thread the
+event loop keeps parsing requests, which is where the coalescing comes from under load.
+The queue is bounded in rows: past ``max_queue_rows`` a request is refused (429) at once
+instead of waiting behind work the server cannot finish in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+Outputs = dict[str, np.ndarray]
+RunFn = Callable[[np.ndarray], Outputs]
+# Called in the worker thread after each batch: (inputs, outputs, seconds).
+BatchHook = Callable[[np.ndarray, Outputs, float], None]
+
+
+class QueueFull(Exception):
+    """The version's queue holds ``max_queue_rows`` rows already: answer 429."""
+
+
+class Draining(Exception):
+    """The batcher is closed (shutdown or unload): answer 503."""
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    future: asyncio.Future[Outputs]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_rows: int = 256,
+        max_delay_s: float = 0.0,
+        max_queue_rows: int = 8192,
+        enabled: bool = True,
+        on_batch: BatchHook | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._run = run
+        self.max_batch_rows = max_batch_rows
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self.enabled = enabled
+        self._on_batch = on_batch
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="kanmoe-batch")
+        self._own_executor = executor is None
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self.queued_rows = 0
+        self.in_flight = 0  # requests accepted and not yet answered
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- request side -------------------------------------------------------------------
+    async def submit(self, x: np.ndarray) -> Outputs:
+        """Queue ``x`` (rows on axis 0) and wait for its slice of the batch's outputs."""
+        if self._closed:
+            raise Draining("the model is shutting down or being unloaded")
+        rows = int(x.shape[0])
+        if self.queued_rows + rows > self.max_queue_rows:
+            raise QueueFull(
+                f"queue full ({self.queued_rows} rows waiting, limit {self.max_queue_rows})"
+            )
+        loop = asyncio.get_running_loop()
+        self.in_flight += 1
+        try:
+            if not self.enabled:
+                return await self._run_unbatched(loop, x)
+            self._ensure_task(loop)
+            future: asyncio.Future[Outputs] = loop.create_future()
+            self._queue.append(_Pending(x, future))
+            self.queued_rows += rows
+            assert self._wakeup is not None
+            self._wakeup.set()
+            return await future
+        finally:
+            self.in_flight -= 1
+
+    async def _run_unbatched(self, loop: asyncio.AbstractEventLoop, x: np.ndarray) -> Outputs:
+        self.queued_rows += int(x.shape[0])
+        try:
+            return await loop.run_in_executor(self._executor, self._run_and_hook, x)
+        finally:
+            self.queued_rows -= int(x.shape[0])
+
+    # -- batch side ---------------------------------------------------------------------
+    def _ensure_task(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="kanmoe-batcher")
+
+    def _take_batch(self) -> list[_Pending]:
+        """Queued requests up to the row limit, all with the first one's trailing shape."""
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # its client went away: skip it
+                self._queue.popleft()
+                self.queued_rows -= int(item.x.shape[0])
+                continue
+            n = int(item.x.shape[0])
+            if batch and (
+                rows + n > self.max_batch_rows or item.x.shape[1:] != batch[0].x.shape[1:]
+            ):
+                break
+            self._queue.popleft()
+            self.queued_rows -= n
+            batch.append(item)
+            rows += n
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_delay_s > 0 and self.queued_rows < self.max_batch_rows:
+                deadline = loop.time() + self.max_delay_s
+                while self.queued_rows < self.max_batch_rows and loop.time() < deadline:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
+                    except TimeoutError:
+                        break
+            batch = self._take_batch()
+            if not batch:
+                continue
+            xs = [p.x for p in batch]
+            x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run_and_hook, x)
+            except Exception as exc:  # a failed run fails its own batch, never the loop
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            start = 0
+            for p in batch:
+                stop = start + int(p.x.shape[0])
+                if not p.future.done():
+                    p.future.set_result({k: v[start:stop] for k, v in outputs.items()})
+                start = stop
+
+    def _run_and_hook(self, x: np.ndarray) -> Outputs:
+        t0 = time.perf_counter()
+        outputs = self._run(x)
+        seconds = time.perf_counter() - t0
+        if self._on_batch is not None:
+            self._on_batch(x, outputs, seconds)
+        return outputs
+
+    # -- shutdown -----------------------------------------------------------------------
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let queued and running ones finish (up to ``timeout_s``)."""
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Draining("the model was unloaded before this request ran"))
+        self._queue.clear()
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
