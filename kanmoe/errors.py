@@ -18,4 +18,21 @@ class ExportError(KanmoeError):
 
 
 class RunDirError(KanmoeError, FileNotFoundError):
-    """A run directory is missing files that a finished training run writes."""
+    """A run directory is missing a file that a finished run writes, or holds a broken one.
+
+    The message names the file, so a user knows which one to restore or retrain.
+    """
+
+
+def one_line(text: object) -> str:
+    """Collapse a (possibly multi-line) message into one line: the CLI promises one line."""
+    parts = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(parts)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can be pages long)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

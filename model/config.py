@@ -270,7 +270,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {yaml_problem(exc)}") from None
     if isinstance(value, str) and _FLOAT.match(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     return parts, value
@@ -311,10 +311,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config {path} is not valid YAML: {yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} cannot be read: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping")
     return raw
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: the problem and where (yaml's own text spans five lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(problem)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

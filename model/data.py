@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kanmoe.errors import DataError
+from kanmoe.errors import DataError, first_line
 from kanmoe.model.config import SequenceData, TabularData
 from kanmoe.paths import CALIFORNIA_HOUSING_CSV
 
 BUILTIN = {"builtin:california_housing": CALIFORNIA_HOUSING_CSV}
+MIN_ROWS = 10  # fewer leaves a split with a row or two: no spread to scale by, no R² to report
 
 
 @dataclass
@@ -57,7 +58,30 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
-        return cls(**json.loads(text))
+        """Parse and check what ``to_json`` wrote; DataError (one line) for anything else."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise DataError("expected a JSON object")
+        known = set(cls.__dataclass_fields__)
+        required = {"feature_names", "target_names", "x_mean", "x_std", "y_mean", "y_std"}
+        if missing := sorted(required - set(raw)):
+            raise DataError(f"missing key(s) {missing}")
+        if unknown := sorted(set(raw) - known):
+            raise DataError(f"unknown key(s) {unknown}")
+        prep = cls(**raw)
+        pairs = (("feature_names", ("x_mean", "x_std")), ("target_names", ("y_mean", "y_std")))
+        for names, stats in pairs:
+            n = len(getattr(prep, names))
+            for stat in stats:
+                values = getattr(prep, stat)
+                if not isinstance(values, list) or len(values) != n:
+                    raise DataError(f"{stat} must list one number per entry of {names} ({n})")
+                if not all(isinstance(v, int | float) and np.isfinite(v) for v in values):
+                    raise DataError(f"{stat} must hold finite numbers")
+        return prep
 
 
 @dataclass
@@ -90,10 +114,14 @@ def resolve_path(path: str) -> Path:
 
 
 def read_csv(path: str) -> pd.DataFrame:
+    """The CSV at ``path`` (or a builtin name); DataError if unreadable or without data rows."""
     try:
-        return pd.read_csv(resolve_path(path))
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"data.path: cannot read {path} as CSV: {exc}") from exc
+        df = pd.read_csv(resolve_path(path))
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as exc:
+        raise DataError(f"data.path: cannot read {path} as CSV: {first_line(exc)}") from None
+    if df.empty:
+        raise DataError(f"data.path: {path} has no data rows (only a header)")
+    return df
 
 
 def numeric_columns(df: pd.DataFrame, columns: list[str], what: str) -> np.ndarray:
@@ -102,12 +130,21 @@ def numeric_columns(df: pd.DataFrame, columns: list[str], what: str) -> np.ndarr
     if missing:
         raise DataError(f"{what}: column(s) {missing} not in the CSV (has {list(df.columns)})")
     for c in columns:
-        if not pd.api.types.is_numeric_dtype(df[c]):
-            raise DataError(f"{what}: column '{c}' is not numeric (dtype {df[c].dtype})")
+        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+            col = df[c]
+            text = pd.to_numeric(col, errors="coerce").isna() & col.notna()
+            row = int(np.flatnonzero(text.to_numpy())[0]) if text.any() else 0
+            raise DataError(
+                f"{what}: column '{c}' is not numeric (dtype {col.dtype}; "
+                f"{col.iloc[row]!r} at row {row + 1} after the header)"
+            )
         bad = ~np.isfinite(df[c].to_numpy(dtype=np.float64))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{what}: column '{c}' has NaN/inf values (first at row {row})")
+            raise DataError(
+                f"{what}: column '{c}' has NaN/inf values "
+                f"({int(bad.sum())} rows, first at row {row + 1} after the header)"
+            )
     return df[columns].to_numpy(dtype=np.float64)
 
 
@@ -158,7 +195,13 @@ def load_tabular(cfg: TabularData) -> Dataset:
     x = numeric_columns(df, features, "data.features")
     y = numeric_columns(df, targets, "data.target")
     if cfg.target_transform == "log" and (y <= -1).any():
-        raise DataError("data.target_transform: log needs targets > -1 (log1p)")
+        row, col = (int(i[0]) for i in np.nonzero(y <= -1))
+        raise DataError(
+            f"data.target_transform: log needs every target > -1 (log1p); column "
+            f"'{targets[col]}' has {y[row, col]:g} at row {row + 1} after the header"
+        )
+    if len(df) < MIN_ROWS:
+        raise DataError(f"data: {len(df)} rows are too few (at least {MIN_ROWS} are needed)")
     parts = split_indices(len(df), cfg)
     if min(len(p) for p in parts.values()) == 0:
         raise DataError(f"data: {len(df)} rows are too few for a train/val/test split")

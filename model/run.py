@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
-from kanmoe.errors import RunDirError
+from kanmoe.errors import DataError, RunDirError, first_line
 from kanmoe.model.data import Preprocessing
 
 REQUIRED_FILES = ("config.yaml", "preprocessing.json", "weights.safetensors")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
 
 
 def _umask_mode() -> int:
@@ -85,9 +85,36 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict; RunDirError naming the file if it is broken or foreign."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise RunDirError(f"{path} is not a safetensors file ({first_line(exc)})") from None
+    if mismatch := state_mismatch(model.state_dict(), state):
+        raise RunDirError(f"{path} is for another architecture than config.yaml: {mismatch}")
+    model.load_state_dict(state)
+
+
+def state_mismatch(expected: dict[str, Tensor], got: dict[str, Tensor]) -> str:
+    """ "" when ``got`` fits ``expected`` key for key and shape for shape, else what differs."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of another shape (first {k!r}: {tuple(got[k].shape)} in the file, "
+            f"{tuple(expected[k].shape)} in the model)"
+        )
+    return "; ".join(parts)
 
 
 def _accepts_return_gates(model: nn.Module) -> bool:
@@ -244,7 +271,7 @@ def predict_raw(servable: nn.Module, x: np.ndarray, batch_size: int = 8192) -> t
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    cols = ["epoch", "train_loss", "val_loss", "lr"]
+    cols = HISTORY_COLUMNS
     lines = [",".join(cols)] + [",".join(repr(row[c]) for c in cols) for row in history]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -259,22 +286,76 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
+def read_preprocessing(path: str | Path) -> Preprocessing:
+    """A run's preprocessing.json; RunDirError naming the file when it is broken."""
+    path = Path(path)
+    try:
+        return Preprocessing.from_json(path.read_text())
+    except (DataError, OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path} is broken: {first_line(exc)}") from None
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A run's metrics.json, ``{}`` when absent; RunDirError naming the file when broken."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path} is broken: {first_line(exc)}") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path} is broken: expected a JSON object")
+    return metrics
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Rows of a run's history.csv (epoch int, the rest float); RunDirError when broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"missing {path} (not trained?)")
+    lines = path.read_text().strip().splitlines()
+    cols = list(HISTORY_COLUMNS)
+    if not lines:
+        raise RunDirError(f"{path} is empty (was the run interrupted? resume it)")
+    if lines[0].split(",") != cols:
+        raise RunDirError(f"{path} is broken: the first line must be {','.join(cols)}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        values = line.split(",")
+        try:
+            if len(values) != len(cols):
+                raise ValueError(f"{len(values)} values, expected {len(cols)}")
+            parsed = zip(cols, values, strict=True)
+            rows.append({c: (int(v) if c == "epoch" else float(v)) for c, v in parsed})
+        except ValueError as exc:
+            raise RunDirError(f"{path} is broken at line {number}: {exc}") from None
+    if not rows:
+        raise RunDirError(f"{path} has no epochs (was the run interrupted? resume it)")
+    return rows
+
+
 def load_run(run_dir: str | Path) -> ServableModel:
-    """Rebuild the ``ServableModel`` from config.yaml + preprocessing.json + weights."""
+    """Rebuild the ``ServableModel`` from config.yaml + preprocessing.json + weights.
+
+    Every file is checked as it is read: a broken one is a ``RunDirError`` (or
+    ``ConfigError`` for config.yaml) that names it, never a library traceback.
+    """
     from kanmoe.model.builder import build_model
-    from kanmoe.model.config import validate_config
+    from kanmoe.model.config import read_yaml, validate_config
 
     run_dir = check_run_dir(run_dir)
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg = validate_config(raw, source=str(run_dir / "config.yaml"))
-    prep = Preprocessing.from_json((run_dir / "preprocessing.json").read_text())
+    config_path = run_dir / "config.yaml"
+    cfg = validate_config(read_yaml(config_path), source=str(config_path))
+    prep = read_preprocessing(run_dir / "preprocessing.json")
     seq_len = prep.extra.get("lookback") if cfg.data.kind == "sequence" else None
+    if cfg.data.kind == "sequence" and not isinstance(seq_len, int):
+        raise RunDirError(f"{run_dir / 'preprocessing.json'} is broken: no extra.lookback")
     model = build_model(
         cfg.model, len(prep.feature_names), len(prep.target_names), seq_len, prep.feature_names
     )
     load_weights(model, run_dir / "weights.safetensors")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_metrics(run_dir / "metrics.json")
     return servable_from_prep(
         model,
         prep,

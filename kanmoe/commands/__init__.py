@@ -11,21 +11,25 @@ from typing import ParamSpec, TypeVar
 
 import typer
 
-from kanmoe.errors import KanmoeError
+from kanmoe.errors import KanmoeError, one_line
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn kanmoe's own errors (and ValueError/FileNotFoundError) into one line and exit 2."""
+    """Turn kanmoe's own errors (and ValueError/FileNotFoundError) into one line and exit 2.
+
+    Messages that span lines (a parity table, a library's multi-line text) are joined with
+    "; " so that scripts reading stderr always get exactly one line.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except (KanmoeError, ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -99,28 +99,13 @@ def register(app: typer.Typer) -> None:
         """Regenerate a run's plots (learning curves, gate weights, KAN functions)."""
         from kanmoe.model.data import load_dataset
         from kanmoe.model.plots import write_all_plots
-        from kanmoe.model.run import load_run
+        from kanmoe.model.run import load_run, read_history
 
         servable = load_run(run_dir)
-        history = _read_history(run_dir / "history.csv")
+        history = read_history(run_dir / "history.csv")
         from kanmoe.model.config import validate_config
 
         data = load_dataset(validate_config(servable.config).data)
         for path in write_all_plots(run_dir, servable, history, data.x["test"]):
             typer.echo(str(path))
 
-
-def _read_history(path: Path) -> list[dict]:
-    from kanmoe.errors import RunDirError
-
-    if not path.is_file():
-        raise RunDirError(f"missing {path}")
-    lines = path.read_text().strip().splitlines()
-    cols = lines[0].split(",")
-    return [
-        {
-            c: (int(v) if c == "epoch" else float(v))
-            for c, v in zip(cols, line.split(","), strict=True)
-        }
-        for line in lines[1:]
-    ]
