@@ -172,7 +172,10 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         from kanmoe.errors import ConfigError
 
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for a torn or foreign file
+            raise ConfigError(f"--resume: {path} is not a readable checkpoint ({exc})") from None
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -315,6 +318,17 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return r
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """Epochs completed in the checkpoint at ``path``; None when there is none (or unreadable)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return int(state["epoch"])
+    except Exception:  # a checkpoint we cannot read is no checkpoint to resume from
+        return None
 
 
 # -- a whole run: data -> model -> fit -> run dir ------------------------------------------

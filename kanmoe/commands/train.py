@@ -48,12 +48,8 @@ def register(app: typer.Typer) -> None:
         try:
             _, metrics = train_run(cfg, run_dir, resume=resume)
         except KeyboardInterrupt:
-            typer.echo(
-                f"\ninterrupted: last good checkpoint in {run_dir}/checkpoint.pt; "
-                f"continue with: kanmoe train --out {run_dir} --resume",
-                err=True,
-            )
-            sys.exit(130)
+            typer.echo(_interrupted_message(run_dir), err=True)
+            sys.exit(130)  # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
         t = metrics["test"]
         typer.echo(
             f"{run_dir}: test r2={t['r2']:.4f} rmse={t['rmse']:.4f} mae={t['mae']:.4f} "
@@ -109,3 +105,16 @@ def register(app: typer.Typer) -> None:
         for path in write_all_plots(run_dir, servable, history, data.x["test"]):
             typer.echo(str(path))
 
+
+def _interrupted_message(run_dir: Path) -> str:
+    """One line after Ctrl-C: where the last good checkpoint is and how to resume from it."""
+    from kanmoe.model.training import CHECKPOINT, checkpoint_epoch
+
+    lead = "\n" if sys.stderr.isatty() else ""  # end a progress bar's line first
+    epoch = checkpoint_epoch(run_dir / CHECKPOINT)
+    if epoch is None:
+        return f"{lead}interrupted before the first epoch finished: nothing to resume in {run_dir}"
+    return (
+        f"{lead}interrupted: {run_dir / CHECKPOINT} holds epoch {epoch}; "
+        f"continue with: kanmoe train --out {run_dir} --resume"
+    )
