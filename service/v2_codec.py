@@ -282,9 +282,10 @@ def _decode_inputs(entries: Any, blobs: memoryview, has_header: bool) -> dict[st
         blob = blobs[offset : offset + size]
         offset += size
         if dtype.kind == "b":  # any non-zero byte is true; a bool view of byte 2 is not
-            arrays[name] = np.frombuffer(blob, np.uint8).astype(np.bool_).reshape(shape)
+            flat = np.frombuffer(blob, np.uint8).astype(np.bool_)
         else:
-            arrays[name] = np.frombuffer(blob, dtype).reshape(shape)
+            flat = np.frombuffer(blob, dtype)
+        arrays[name] = _reshape(flat, shape, i, name)
     if offset != len(blobs):
         raise ProtocolError(
             400,
@@ -345,7 +346,17 @@ def _from_json(
     except RuntimeWarning:  # float overflow, only raised when warnings are errors: becomes inf
         with np.errstate(over="ignore"):
             array = np.array(flat, dtype=dtype)
-    return array.reshape(shape)
+    return _reshape(array, shape, i, name)
+
+
+def _reshape(flat: np.ndarray, shape: list[int], i: int, name: str) -> np.ndarray:
+    """``flat`` in ``shape``; numpy refuses empty shapes like [0, 2**63] or > 64 dims: a 400."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        raise ProtocolError(
+            400, f"{_where(i, name)}: shape {_short(shape)} is invalid: {exc}"
+        ) from None
 
 
 def _decode_outputs(entries: Any, binary_default: bool) -> list[RequestedOutput] | None:

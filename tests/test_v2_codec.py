@@ -402,6 +402,17 @@ MALFORMED = {
     "shape float": (_json(_doc(shape=[2.0, 2])), 400, "shape must be a list"),
     "shape bool": (_json(_doc(shape=[True, 4])), 400, "shape must be a list"),
     "shape string": (_json(_doc(shape="2,2")), 400, "shape must be a list"),
+    "shape huge empty": (
+        _json(_doc(shape=[0, 2**63], data=[])),
+        400,
+        "shape [0, 9223372036854775808] is invalid",
+    ),
+    "shape 65 dims": (_json(_doc(shape=[0] * 65, data=[])), 400, "is invalid"),
+    "shape huge empty binary": (
+        _binary({"shape": [2**40, 2**40, 0], "parameters": {"binary_data_size": 0}}, b""),
+        400,
+        "is invalid",
+    ),
     # JSON data
     "count": (
         _json(_doc(shape=[2, 7], data=list(range(16)))),
@@ -666,7 +677,8 @@ def client_like_requests(draw):
     if broken == "entry":
         entry = draw(st.sampled_from(entries))
         key = draw(st.sampled_from(["name", "datatype", "shape", "data", "parameters"]))
-        entry[key] = draw(json_values | st.sampled_from(["BYTES", "INT8", [1], [-1]]))
+        weird = st.sampled_from(["BYTES", "INT8", [1], [-1], [0, 2**63], [0] * 65, [2**62] * 3])
+        entry[key] = draw(json_values | weird)
     elif broken == "blob":
         blobs.append(draw(st.binary(min_size=1, max_size=8)))
     elif broken == "length":
