@@ -185,7 +185,7 @@ def decode_infer_request(
         json_part, blobs = view, view[:0]
     else:
         text = header_length.strip()
-        if not (text.isascii() and text.isdigit()):
+        if not (text.isascii() and text.isdigit() and len(text) <= 20):
             raise ProtocolError(
                 400, f"Inference-Header-Content-Length {_short(header_length)} is not an integer"
             )

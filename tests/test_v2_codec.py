@@ -492,6 +492,11 @@ MALFORMED = {
         "Inference-Header-Content-Length 'abc' is not an integer",
     ),
     "header length negative": ((b"{}", "-2", None), 400, "is not an integer"),
+    "header length 5000 digits": (
+        (b"{}", "9" * 5000, None),
+        400,
+        "'99999999999999999999999999999999999999999999999999999...",
+    ),
     "header length underscore": ((b"{}" * 10, "1_0", None), 400, "is not an integer"),
     "header length zero": (
         (b"{}", "0", None),
@@ -626,7 +631,9 @@ json_values = st.recursive(
     ),
     max_leaves=30,
 )
-header_lengths = st.none() | st.integers(-3, 400).map(str) | st.text(max_size=4)
+header_lengths = (
+    st.none() | st.integers(-3, 400).map(str) | st.text(max_size=4) | st.sampled_from(["9" * 5000])
+)
 encodings = st.none() | st.sampled_from(["gzip", "deflate", "identity", "br", "gzip, deflate", ""])
 
 
