@@ -157,6 +157,9 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
     async def metrics_route(request: Request) -> Response:
         if metrics is None:
             return _err(404, "metrics are disabled (KANMOE_METRICS=false)")
+        for v in store.all_versions():
+            if v.batcher is not None:
+                metrics.set_queue_depth(v.name, v.version, v.batcher.queued_rows)
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 

@@ -7,9 +7,13 @@ requests; the lifespan shutdown closes each batcher after its queue is empty. Ex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -32,6 +36,21 @@ class DrainingServer(uvicorn.Server):
             self._service.draining = True
             log.info("signal %s: draining in-flight requests, then exiting", sig)
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's handlers, minus its re-raise of the signal after shutdown: a drained
+        SIGTERM is a clean exit (status 0), which is what orchestrators expect."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def _configure_logging(level: str) -> None:
