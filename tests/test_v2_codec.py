@@ -619,7 +619,11 @@ def test_long_names_are_cut_in_messages():
 
 # ----------------------------------------------------------------------------- property tests
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -634,7 +638,11 @@ json_values = st.recursive(
 header_lengths = (
     st.none() | st.integers(-3, 400).map(str) | st.text(max_size=4) | st.sampled_from(["9" * 5000])
 )
-encodings = st.none() | st.sampled_from(["gzip", "deflate", "identity", "br", "gzip, deflate", ""])
+encodings = (
+    st.none()
+    | st.text(max_size=8)
+    | st.sampled_from(["gzip", "deflate", "identity", "gzip, deflate"])
+)
 
 
 def _decodes_or_refuses(body: bytes, length: str | None, encoding: str | None) -> None:
