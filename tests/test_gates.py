@@ -184,3 +184,116 @@ def test_gate_errors_name_the_argument():
         apply_gating_activation(torch.zeros(2, 2), "tanh")
     with pytest.raises(ValueError, match="activation"):
         GRNGate(3, 2, activation="swish!")
+
+
+# -- formulas recomputed by hand from the modules' own parameters ---------------------------
+
+
+def _cox_de_boor(x: np.ndarray, lo: float, hi: float, grid_size: int, order: int) -> np.ndarray:
+    """(N, P) -> (N, P, G+K) uniform B-spline bases by the plain Cox-de Boor recursion."""
+    h = (hi - lo) / grid_size
+    t = lo + h * np.arange(-order, grid_size + order + 1)
+    xe = x[..., None]
+    bases = ((xe >= t[:-1]) & (xe < t[1:])).astype(np.float64)
+    for d in range(1, order + 1):
+        left = (xe - t[: -(d + 1)]) / (t[d:-1] - t[: -(d + 1)]) * bases[..., :-1]
+        right = (t[d + 1 :] - xe) / (t[d + 1 :] - t[1:-d]) * bases[..., 1:]
+        bases = left + right
+    return bases
+
+
+_NP_ACTIVATIONS = {
+    "silu": lambda v: v / (1.0 + np.exp(-v)),
+    "elu": lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0))),
+    "relu": lambda v: np.maximum(v, 0.0),
+}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _kan_by_hand(layer, x: np.ndarray, activation: str) -> np.ndarray:
+    """y_q = sum_p w_base[q,p] act(x_p) + sum_p sum_i (w_spline[q,p,i] s[q,p]) B_i(x_p)."""
+    bases = _cox_de_boor(x, layer.grid_lo, layer.grid_hi, layer.grid_size, layer.spline_order)
+    coef = _np(layer.spline_weight) * _np(layer.spline_scaler)[..., None]  # (out, in, M)
+    base = _NP_ACTIVATIONS[activation](x) @ _np(layer.base_weight).T
+    return base + np.einsum("npm,qpm->nq", bases, coef)
+
+
+def _linear(module: nn.Linear, x: np.ndarray) -> np.ndarray:
+    return x @ _np(module.weight).T + _np(module.bias)
+
+
+def _grkan_by_hand(gate: GRKANGate, x: np.ndarray, activations: tuple[str, str]) -> np.ndarray:
+    """LayerNorm(skip(h) + GLU(KAN2(KAN1(h)))), h = ReLU(pre(x)), from the gate's parameters."""
+    h = np.maximum(_linear(gate.pre, x), 0.0)
+    u = _kan_by_hand(gate.layer2, _kan_by_hand(gate.layer1, h, activations[0]), activations[1])
+    g = _linear(gate.glu_value, u) / (1.0 + np.exp(-_linear(gate.glu_gate, u)))
+    z = _linear(gate.skip, h) + g
+    z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5)
+    return z * _np(gate.norm.weight) + _np(gate.norm.bias)
+
+
+def test_grkan_gate_is_the_gated_residual_formula_with_kan_layers():
+    """Independent recomputation (numpy float64, Cox-de Boor) of the whole GRKAN gate.
+
+    The LayerNorm's affine parameters and the KAN scalers are randomised so that none of the
+    terms is an identity; changing ``kan_activations`` alone must change the output.
+    """
+    x = torch.randn(64, 3) * 1.5
+    outputs = {}
+    state = None
+    for acts in (("silu", "elu"), ("elu", "relu")):
+        torch.manual_seed(1)
+        gate = GRKANGate(3, 4, hidden=8, kan_activations=acts)
+        if state is None:
+            with torch.no_grad():
+                for p in gate.parameters():
+                    p.add_(torch.randn_like(p) * 0.3)
+            state = gate.state_dict()
+        gate.load_state_dict(state)  # the same numbers, only the activations differ
+        got = gate(x)
+        np.testing.assert_allclose(_np(got), _grkan_by_hand(gate, _np(x), acts), atol=2e-5)
+        outputs[acts] = got
+    a, b = outputs.values()
+    assert (a - b).abs().max() > 1e-2, "kan_activations had no effect on the gate output"
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_moe_output_is_the_gated_sum_over_the_transformed_input(activation):
+    """y = sum_e a_e(x~) E_e(x~), x~ = w * x, a = softmax|sigmoid(gate(x~)), by hand.
+
+    The input-transform weights are set away from their initial ones, so a gate or expert
+    that skipped the transform would fail; the two gating activations must give different y.
+    """
+    torch.manual_seed(2)
+    moe = MoE(nn.Linear(6, 2), n_experts=3, gate="linear", gating_activation=activation)
+    moe_t = MoE(
+        nn.Linear(6, 2),
+        n_experts=3,
+        gate="linear",
+        gating_activation=activation,
+        input_transform=True,
+    )
+    moe_t.load_state_dict(
+        {**moe.state_dict(), "input_weight": torch.rand(6) * 2 - 0.5}, strict=True
+    )
+    x = torch.randn(20, 6)
+    for module in (moe, moe_t):
+        y, weights = module(x, return_gates=True)
+        xt = _np(x) * (_np(module.input_weight) if module.input_weight is not None else 1.0)
+        logits = _linear(module.gate.proj, xt)
+        if activation == "softmax":
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            a = e / e.sum(-1, keepdims=True)
+        else:
+            a = 1.0 / (1.0 + np.exp(-logits))
+        outs = np.stack([_linear(expert, xt) for expert in module.experts], axis=-1)
+        np.testing.assert_allclose(_np(weights), a, atol=1e-6)
+        np.testing.assert_allclose(_np(y), (outs * a[:, None, :]).sum(-1), atol=1e-5)
+    assert (moe(x) - moe_t(x)).abs().max() > 1e-2, "the input transform had no effect"
+    other = "sigmoid" if activation == "softmax" else "softmax"
+    twin = MoE(nn.Linear(6, 2), n_experts=3, gate="linear", gating_activation=other)
+    twin.load_state_dict(moe.state_dict())
+    assert (moe(x) - twin(x)).abs().max() > 1e-2, "gating_activation had no effect"
