@@ -121,8 +121,7 @@ class FrontDoor:
     async def _hot(self, scope, receive, send, match, headers, request_id, start) -> None:
         version_label, name, version, _ = match.groups()
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                body = await self._read_body(receive, headers)
+            body = await self._read_body(receive, headers)
         except TimeoutError:  # a slow-loris body must not hold the request forever
             reply = Reply(
                 408,
@@ -162,19 +161,29 @@ class FrontDoor:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        message = await receive()  # a small body has fully arrived with its headers
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        first = message.get("body", b"")
+        if len(first) > limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            return first
+        chunks = [first]
+        size = len(first)
+        # The rest may trickle in: bound the wait so a slow-loris body cannot hold a slot.
+        async with asyncio.timeout(self.settings.request_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
 
     @staticmethod
     async def _send(send: Any, reply: Reply, request_id: str) -> None:

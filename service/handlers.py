@@ -69,9 +69,8 @@ class Service:
     async def run(self, entry: LoadedVersion, x: np.ndarray) -> Outputs:
         assert entry.batcher is not None
         try:
-            return await asyncio.wait_for(
-                entry.batcher.submit(x), timeout=self.settings.request_timeout_s
-            )
+            async with asyncio.timeout(self.settings.request_timeout_s):  # no task per request
+                return await entry.batcher.submit(x)
         except QueueFull as exc:
             self._reject(entry.name, "queue_full")
             raise ServiceError(429, f"{exc}; retry later", {"retry-after": "1"}) from None

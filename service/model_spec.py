@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class ModelSpec:
     def n_targets(self) -> int:
         return len(self.target_names)
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         """Graph outputs in the order the service returns them: prediction first, then gates."""
         names = [OUTPUT_NAME, *(g.output for g in self.gates)]
