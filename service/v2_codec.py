@@ -270,7 +270,7 @@ def _decode_inputs(entries: Any, blobs: memoryview, has_header: bool) -> dict[st
         if size != count * dtype.itemsize:
             raise ProtocolError(
                 400,
-                f"{where}: binary_data_size {size} does not match shape {shape} "
+                f"{where}: binary_data_size {size} does not match shape {_short(shape)} "
                 f"({count} x {dtype.itemsize} bytes = {count * dtype.itemsize})",
             )
         if offset + size > len(blobs):
@@ -329,7 +329,8 @@ def _from_json(
         flat = list(chain.from_iterable(flat))
     if len(flat) != count:
         raise ProtocolError(
-            400, f"{_where(i, name)}: shape {shape} does not match data of {len(flat)} elements"
+            400,
+            f"{_where(i, name)}: shape {_short(shape)} does not match data of {len(flat)} elements",
         )
     bad = set(map(type, flat)) - _ALLOWED_SCALARS[dtype.kind]
     if bad:
@@ -435,6 +436,8 @@ def encode_infer_response(
     Sends the outputs the request named (in its order), else every name in ``order``; each as a
     blob or as flat JSON ``data`` as requested. Compresses with gzip/deflate when
     ``accept_encoding`` allows it and the body has at least ``compress_min_bytes`` bytes.
+    JSON has no NaN/Inf: in ``data`` they become ``null`` (tritonclient reads NaN back);
+    blobs carry them exactly.
     """
     if request.outputs is None:
         selected = [(name, request.binary_default) for name in order]

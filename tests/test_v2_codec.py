@@ -281,6 +281,21 @@ def test_every_numeric_dtype_round_trips_through_the_client(datatype, binary, rn
     np.testing.assert_array_equal(got, x)
 
 
+def test_infinities_are_exact_in_blobs_and_null_in_json():
+    y = np.array([[np.inf, -np.inf, 1.5]], dtype=np.float32)
+    body, headers = encode_infer_response(
+        "m", "1", _request(binary_default=True), {"y": y}, ["y"], None
+    )
+    np.testing.assert_array_equal(_client_read(body, headers).as_numpy("y"), y)
+    body, headers = encode_infer_response(
+        "m", "1", _request(binary_default=False), {"y": y}, ["y"], None
+    )
+    assert orjson.loads(body)["outputs"][0]["data"] == [None, None, 1.5]  # JSON has no Infinity
+    np.testing.assert_array_equal(
+        _client_read(body, headers).as_numpy("y"), [[np.nan, np.nan, 1.5]]
+    )
+
+
 def test_big_endian_arrays_are_sent_little_endian(rng):
     x = _array("FP64", (2, 2), rng)
     for binary in (True, False):
