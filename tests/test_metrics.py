@@ -407,3 +407,24 @@ def test_default_registry_is_private_per_instance():
     a.add_model(make_spec(), ["CPUExecutionProvider"])
     assert a.registry is not b.registry
     assert samples(b, "kanmoe_model_info") == []
+
+
+def test_reload_keeps_series_of_an_unchanged_version_and_restarts_a_changed_one():
+    rng = np.random.default_rng(12)
+    metrics, spec = ServiceMetrics(), make_spec()
+    metrics.add_model(spec, ["CPUExecutionProvider"])
+    observe(metrics, spec, dirichlet(rng, 10))
+    same = make_spec()  # a reload: an equal spec, a new object, other providers
+    metrics.add_model(same, ["CUDAExecutionProvider"])
+    observe(metrics, spec, dirichlet(rng, 5))  # the old batcher draining: still counted
+    observe(metrics, same, dirichlet(rng, 7))
+    assert value(metrics, "kanmoe_rows_total") == 22
+    assert samples(metrics, "kanmoe_model_info")[0][0]["providers"] == "CUDAExecutionProvider"
+    changed = make_spec(reference=(0.6, 0.2, 0.2))  # re-exported with another reference
+    metrics.add_model(changed, ["CPUExecutionProvider"])
+    assert value(metrics, "kanmoe_rows_total") == 0
+    observe(metrics, spec, dirichlet(rng, 5))  # a batch of the replaced version: ignored
+    assert value(metrics, "kanmoe_rows_total") == 0
+    assert len(samples(metrics, "kanmoe_model_info")) == 1
+    metrics.remove_model("m", "1")  # one version counted once: removing it drops the model
+    assert 'model="m"' not in metrics.render()[0].decode()
