@@ -178,13 +178,7 @@ class _LayerMetrics:
         # (0 ln 0 = 0 via the floor; an all-zero row gets entropy 0.)
         s = np.maximum(w @ self._ones, _TINY)
         h = np.maximum(np.log(s) - ((w * np.log(np.maximum(w, _TINY))) @ self._ones) / s, 0.0)
-        return (
-            self.weights.tally(w),
-            w.sum(axis=0),
-            routed,
-            self.entropy.tally(h),
-            h.sum(),
-        )
+        return self.weights.tally(w), w.sum(axis=0), routed, self.entropy.tally(h), h.sum()
 
     def apply(self, w: np.ndarray, stats: tuple[np.ndarray, ...]) -> None:
         """Add a batch's statistics; the caller holds the lock."""
