@@ -64,6 +64,16 @@ def _assert_matches(result, reference: dict[str, np.ndarray], names=OUTPUTS) -> 
         np.testing.assert_allclose(got, reference[name], rtol=1e-5, atol=1e-6)
 
 
+def _post_raw(server, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", f"/v2/models/{DEFAULT_MODEL}/infer", body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
 # ----------------------------------------------------------------------------- metadata
 
 
@@ -166,15 +176,11 @@ def test_versioned_infer_and_async_infer(client, rows, reference):
 def test_large_infer_responses_are_compressed_when_asked(default_server, rows, reference, accept):
     """On the wire: Content-Encoding set, header length = uncompressed JSON, client reads it."""
     body, json_size = th.InferenceServerClient.generate_request_body([_input(rows, True)])
-    conn = http.client.HTTPConnection("127.0.0.1", default_server.port, timeout=30)
     headers = {"Inference-Header-Content-Length": str(json_size), "Accept-Encoding": accept}
-    conn.request("POST", f"/v2/models/{DEFAULT_MODEL}/infer", body=body, headers=headers)
-    response = conn.getresponse()
-    raw = response.read()
-    conn.close()
-    assert response.status == 200 and response.getheader("content-encoding") == accept
+    status, got_headers, raw = _post_raw(default_server, body, headers)
+    assert status == 200 and got_headers["content-encoding"] == accept
     plain = gzip.decompress(raw) if accept == "gzip" else zlib.decompress(raw)
-    length = int(response.getheader("inference-header-content-length"))
+    length = int(got_headers["inference-header-content-length"])
     assert json.loads(plain[:length])["outputs"][0]["name"] == "output"
     result = th.InferenceServerClient.parse_response_body(
         raw, header_length=length, content_encoding=accept
@@ -183,6 +189,24 @@ def test_large_infer_responses_are_compressed_when_asked(default_server, rows, r
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+def test_encoding_errors_come_back_as_plain_json_errors(default_server, rows):
+    """415 / 413 / 400 from the codec reach the client as uncompressed {"error"} bodies."""
+    body, json_size = th.InferenceServerClient.generate_request_body([_input(rows, True)])
+    length = {"Inference-Header-Content-Length": str(json_size), "Accept-Encoding": "gzip"}
+    bomb = gzip.compress(b" " * (16 * 1024 * 1024 + 1), compresslevel=1)
+    cases = [
+        (body, {"Content-Encoding": "br"}, 415, "unsupported Content-Encoding 'br'"),
+        (bomb, {"Content-Encoding": "gzip"}, 413, "decompressed request body exceeds the limit"),
+        (body[:-3], {}, 400, "binary data runs past the end of the body"),
+        (zlib.compress(body)[:-4], {"Content-Encoding": "deflate"}, 400, "deflate"),
+    ]
+    for payload, extra, status, fragment in cases:
+        got_status, headers, raw = _post_raw(default_server, payload, {**length, **extra})
+        assert got_status == status, raw
+        assert "content-encoding" not in headers  # the client never decompresses errors
+        assert fragment in json.loads(raw)["error"]
 
 
 def _nan_in_row_0(x: np.ndarray) -> np.ndarray:
