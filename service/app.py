@@ -31,7 +31,7 @@ log = logging.getLogger("kanmoe.service")
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "classification_free_metadata"]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
 }
 
 
@@ -215,7 +215,8 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
     )
     async def predict(name: str, request: Request) -> Response:
         """Predict from named features or rows; the answer carries each row's gate weights."""
-        return _reply(await service.v1_predict(name, None, await request.body()))
+        ctype = request.headers.get("content-type")
+        return _reply(await service.v1_predict(name, None, await request.body(), ctype))
 
     @app.post(
         "/v1/models/{name}/versions/{version}/predict",
@@ -225,7 +226,8 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         openapi_extra=predict_doc,
     )
     async def predict_version(name: str, version: str, request: Request) -> Response:
-        return _reply(await service.v1_predict(name, version, await request.body()))
+        ctype = request.headers.get("content-type")
+        return _reply(await service.v1_predict(name, version, await request.body(), ctype))
 
     # -- v2 -------------------------------------------------------------------------------
     @app.get("/v2", tags=["v2"], response_model=schemas.ServerMetadata)

@@ -141,7 +141,9 @@ class FrontDoor:
             return
         else:
             if version_label == "v1":
-                reply = await self.service.v1_predict(name, version, body)
+                reply = await self.service.v1_predict(
+                    name, version, body, headers.get("content-type")
+                )
             else:
                 reply = await self.service.v2_infer(name, version, body, headers)
         await self._send(send, reply, request_id)

@@ -42,6 +42,25 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+# No Content-Type is accepted too: tritonclient's sync client sends none.
+V1_TYPES = ("application/json",)
+V2_TYPES = ("application/json", "application/octet-stream")
+
+
+def check_content_type(content_type: str | None, allowed: tuple[str, ...]) -> None:
+    """415 for a declared type the route cannot read (e.g. curl -d's form encoding)."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in allowed or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise ServiceError(
+        415,
+        f"Content-Type {media!r} is not supported here; send {' or '.join(allowed)} "
+        "(with curl: -H 'Content-Type: application/json')",
+    )
+
+
 class Service:
     """What a request can ask of the loaded repository; owns the draining flag."""
 
@@ -86,8 +105,11 @@ class Service:
             ) from None
 
     # -- v1 -----------------------------------------------------------------------------
-    async def v1_predict(self, name: str, version: str | None, body: bytes) -> Reply:
+    async def v1_predict(
+        self, name: str, version: str | None, body: bytes, content_type: str | None = None
+    ) -> Reply:
         try:
+            check_content_type(content_type, V1_TYPES)
             entry = self.resolve(name, version)
             spec = entry.spec
             assert spec is not None
@@ -97,7 +119,7 @@ class Service:
                 200, encode_v1_response(spec, entry.version, outputs), {"content-type": JSON}, name
             )
         except ServiceError as exc:
-            if exc.status in (400, 413):
+            if exc.status in (400, 413, 415):
                 self._reject(name, "bad_request")
             return Reply.error(exc, name)
 
@@ -106,6 +128,7 @@ class Service:
         self, name: str, version: str | None, body: bytes, headers: dict[str, str]
     ) -> Reply:
         try:
+            check_content_type(headers.get("content-type"), V2_TYPES)
             entry = self.resolve(name, version)
             spec = entry.spec
             assert spec is not None
@@ -131,7 +154,7 @@ class Service:
             )
             return Reply(200, body_out, out_headers, name)
         except ServiceError as exc:
-            if exc.status in (400, 413, 422):
+            if exc.status in (400, 413, 415, 422):
                 self._reject(name, "bad_request")
             return Reply.error(exc, name)
 

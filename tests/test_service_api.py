@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -155,6 +156,57 @@ def test_bad_v1_input_gets_a_4xx_naming_the_problem(client, case, body, status, 
     response = client.post(PREDICT, content=body)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_wrong_content_type_is_415_with_the_fix_in_the_message(client):
+    form = client.post(
+        PREDICT,
+        content=b'{"inputs": [[1,1,1,1,1,1,1,1]]}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert form.status_code == 415 and "-H 'Content-Type: application/json'" in form.json()["error"]
+    v2 = client.post(
+        f"/v2/models/{DEFAULT_MODEL}/infer", content=b"x=1", headers={"Content-Type": "text/plain"}
+    )
+    assert v2.status_code == 415 and "'text/plain'" in v2.json()["error"]
+    charset = client.post(
+        PREDICT,
+        content=b'{"inputs": [[1,1,1,1,1,1,1,1]]}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert charset.status_code == 200
+
+
+def test_access_log_is_json_with_the_request_id(server_factory):
+    server = server_factory(DEFAULT_REPOSITORY, "--access-log")
+    httpx.post(
+        server.url + PREDICT, json={"inputs": [[1.0] * 8]}, headers={"X-Request-ID": "trace-42"}
+    )
+    httpx.get(server.url + "/v1/models", headers={"X-Request-ID": "trace-43"})
+    deadline = time.monotonic() + 10
+    while True:  # the line is written just after the response is sent
+        lines = [
+            json.loads(line[line.index("{") :])
+            for line in server.log().splitlines()
+            if "kanmoe.access" in line
+        ]
+        by_id = {entry["request_id"]: entry for entry in lines}
+        if {"trace-42", "trace-43"} <= set(by_id) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert by_id["trace-42"]["status"] == 200 and by_id["trace-42"]["model"] == DEFAULT_MODEL
+    assert by_id["trace-42"]["path"] == PREDICT and by_id["trace-42"]["ms"] > 0
+    assert by_id["trace-43"]["status"] == 200 and by_id["trace-43"]["path"] == "/v1/models"
+
+
+def test_two_workers_serve_and_drain(server_factory):
+    server = server_factory(DEFAULT_REPOSITORY, "--workers", "2")
+    answers = {
+        httpx.post(server.url + PREDICT, json={"inputs": [[1.0] * 8]}).status_code
+        for _ in range(20)
+    }
+    assert answers == {200}
+    assert server.stop() == 0
 
 
 def test_nan_literal_and_huge_row_counts_are_refused(client):
