@@ -30,6 +30,10 @@ from .splines import bspline_basis, linear_spline_lookup, rbf_basis
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from sympy import Expr
+
+    from .symbolic import SymbolicFit
+    from .symbolic_formula import EdgeReport
 
 BASES = ("bspline", "rbf", "linear")
 INITS = ("random_normal", "identity", "zero")
@@ -299,6 +303,22 @@ class KANLinear(KANEditMixin, nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, basis={self.basis!r}"
 
+    # ------------------------------------------------------------------ symbolic (symbolic.py)
+
+    def suggest_symbolic(
+        self, in_idx: int, out_idx: int, library=None, top: int = 5, **kwargs
+    ) -> list[SymbolicFit]:
+        """Best ``a·f(b·x + c) + d`` forms for edge in_idx -> out_idx, ranked (see symbolic.py)."""
+        from .symbolic import suggest_symbolic
+
+        return suggest_symbolic(self, in_idx, out_idx, library, top, **kwargs)
+
+    def auto_symbolic(self, r2_threshold: float = 0.99, library=None, **kwargs) -> list[EdgeReport]:
+        """Lock every edge whose best form reaches ``r2_threshold``; reports all edges."""
+        from .symbolic_formula import auto_symbolic_layer
+
+        return auto_symbolic_layer(self, r2_threshold, library, **kwargs)
+
 
 class KAN(nn.Module):
     """Stack of KANLinear layers: widths [d0, d1, ..., dL] -> L layers."""
@@ -337,3 +357,19 @@ class KAN(nn.Module):
             target = None if path is None else os.path.join(path, f"layer_{i}.png")
             figs.append(layer.plot(target, **kwargs))
         return figs
+
+    # ------------------------------------------------------------------ symbolic (symbolic.py)
+
+    def auto_symbolic(self, r2_threshold: float = 0.99, library=None, **kwargs) -> list[EdgeReport]:
+        """Lock every edge whose best form reaches ``r2_threshold`` (``x``: fit on data)."""
+        from .symbolic_formula import auto_symbolic_kan
+
+        return auto_symbolic_kan(self, r2_threshold, library, **kwargs)
+
+    def symbolic_formula(
+        self, var_names: Sequence[str] | None = None, simplify: bool = True, digits: int = 4
+    ) -> list[Expr]:
+        """Sympy expression of each output once every live edge is symbolic (auto_symbolic)."""
+        from .symbolic_formula import symbolic_formula
+
+        return symbolic_formula(self, var_names, simplify, digits)

@@ -1,0 +1,170 @@
+"""From fitted edges to formulas: ``auto_symbolic`` locks edges, ``symbolic_formula`` composes.
+
+``auto_symbolic`` fits every live edge (``model/symbolic.py``), and where the best form
+reaches the R² threshold it locks the edge to that form with the layer's own
+``lock(fn=...)`` (the spline is refitted to the form and frozen; the base branch is set to
+0) and records the fit in ``layer.symbolic_edges[(out, in)]``. The model keeps evaluating
+splines, so a locked edge equals its formula up to the spline's approximation error.
+
+``symbolic_formula`` composes the recorded forms layer by layer: output q of a layer is
+``sum_p a·f(b·x_p + c) + d`` over its unpruned edges (a pruned edge is exactly 0). It needs
+every unpruned edge to be locked with a recorded form (an unlocked edge may have drifted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .symbolic import LibraryLike, SymbolicFit, fit_layer
+
+if TYPE_CHECKING:
+    from .layers import KAN, KANLinear
+
+
+@dataclass
+class EdgeReport:
+    """The best form of one edge and whether ``auto_symbolic`` locked it."""
+
+    layer: int
+    in_idx: int
+    out_idx: int
+    best: SymbolicFit | None
+    locked: bool
+
+    @property
+    def r2(self) -> float:
+        return self.best.r2 if self.best is not None else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best.to_dict() if self.best is not None else None
+        return {
+            "layer": self.layer,
+            "in": self.in_idx,
+            "out": self.out_idx,
+            "locked": self.locked,
+            "best": best,
+        }
+
+
+def _records(layer: KANLinear) -> dict[tuple[int, int], SymbolicFit]:
+    if not hasattr(layer, "symbolic_edges"):
+        layer.symbolic_edges = {}
+    return layer.symbolic_edges
+
+
+def _lock_fn(fit: SymbolicFit):
+    """fit as a torch function that never returns NaN/inf (lock evaluates it on every input)."""
+    return lambda x: torch.nan_to_num(fit(x.double()), nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
+
+
+@torch.no_grad()
+def auto_symbolic_layer(
+    layer: KANLinear,
+    r2_threshold: float = 0.99,
+    library: LibraryLike = None,
+    x: Tensor | None = None,
+    layer_index: int = 0,
+    lock: bool = True,
+    **kwargs: Any,
+) -> list[EdgeReport]:
+    """Fit every unpruned edge; lock those whose best form has R² >= ``r2_threshold``."""
+    if not 0.0 <= r2_threshold <= 1.0:
+        raise ValueError(f"r2_threshold must be in [0, 1], got {r2_threshold!r}")
+    fits = fit_layer(layer, library, x, **kwargs)
+    live = layer.edge_mask.cpu() > 0
+    reports = []
+    for (q, p), ranked in sorted(fits.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if not live[q, p]:
+            continue
+        best = ranked[0] if ranked else None
+        ok = lock and best is not None and best.r2 >= r2_threshold
+        if ok:
+            layer.lock(p, q, fn=_lock_fn(best))
+            _records(layer)[(q, p)] = best
+        reports.append(EdgeReport(layer_index, p, q, best, ok))
+    return reports
+
+
+@torch.no_grad()
+def auto_symbolic_kan(
+    kan: KAN,
+    r2_threshold: float = 0.99,
+    library: LibraryLike = None,
+    x: Tensor | None = None,
+    **kwargs: Any,
+) -> list[EdgeReport]:
+    """``auto_symbolic_layer`` on each layer in order; with ``x`` each layer is fitted over the
+    activations that reach it (computed after the earlier layers were locked)."""
+    reports: list[EdgeReport] = []
+    for i, layer in enumerate(kan.layers):
+        reports += auto_symbolic_layer(layer, r2_threshold, library, x, layer_index=i, **kwargs)
+        if x is not None:
+            x = layer(x)
+    return reports
+
+
+def round_floats(expr: Any, digits: int) -> Any:
+    """Round every float constant of a sympy expression to ``digits`` decimals (integers exact)."""
+    import sympy as sp
+
+    repl = {}
+    for f in expr.atoms(sp.Float):
+        value = round(float(f), digits)
+        repl[f] = sp.Integer(int(value)) if value == int(value) else sp.Float(value, 15)
+    return expr.xreplace(repl)
+
+
+def layer_formulas(layer: KANLinear, inputs: Sequence[Any], layer_index: int = 0) -> list[Any]:
+    """Sympy expressions of the layer's outputs in terms of ``inputs`` (one per input)."""
+    import sympy as sp
+
+    records = _records(layer)
+    keep = layer.edge_mask.cpu() > 0
+    locked = layer.lock_mask.cpu()
+    missing = [
+        (q, p)
+        for q in range(layer.out_features)
+        for p in range(layer.in_features)
+        if keep[q, p] and not (locked[q, p] and (q, p) in records)
+    ]
+    if missing:
+        q, p = missing[0]
+        raise ValueError(
+            f"layer {layer_index}: {len(missing)} edge(s) have no symbolic form, first in {p} -> "
+            f"out {q}; run auto_symbolic (maybe with a lower r2_threshold) or prune them"
+        )
+    outs = []
+    for q in range(layer.out_features):
+        terms = [records[(q, p)].expr(inputs[p]) for p in range(layer.in_features) if keep[q, p]]
+        outs.append(sp.Add(*terms))
+    return outs
+
+
+def symbolic_formula(
+    kan: KAN,
+    var_names: Sequence[str] | None = None,
+    simplify: bool = True,
+    digits: int = 4,
+) -> list[Any]:
+    """One sympy expression per output of ``kan`` in the input names (default x1, x2, ...)."""
+    import sympy as sp
+
+    n_in = kan.layers[0].in_features
+    names = list(var_names) if var_names is not None else [f"x{i + 1}" for i in range(n_in)]
+    if len(names) != n_in:
+        raise ValueError(f"var_names: expected {n_in} names, got {len(names)}")
+    exprs: list[Any] = [sp.Symbol(n) for n in names]
+    for i, layer in enumerate(kan.layers):
+        exprs = [round_floats(e, digits + 2) for e in layer_formulas(layer, exprs, i)]
+    out = []
+    for e in exprs:
+        e = round_floats(e, digits)
+        if simplify:
+            e = round_floats(sp.simplify(e), digits)
+        out.append(e)
+    return out
