@@ -36,7 +36,11 @@ class ServeSettings(BaseSettings):
         256, ge=1, le=65536, description="rows coalesced into one session run"
     )
     max_delay_ms: float = Field(
-        1.0, ge=0.0, le=1000.0, description="longest wait for more rows before a batch runs"
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="extra wait for more rows once the runner is free (0: run at once; "
+        "requests still coalesce while a batch runs)",
     )
     batching: bool = Field(True, description="coalesce concurrent requests into one session run")
     max_queue_rows: int = Field(
