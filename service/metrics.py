@@ -220,7 +220,9 @@ class _VersionMetrics:
         self.features = spec.feature_names
         self.low = self.high = None  # raw training range per feature, if the export has it
         if spec.feature_ranges is not None:
-            ranges = np.array([spec.feature_ranges[f] for f in spec.feature_names], np.float64)
+            # float32 bounds: inputs arrive as float32, and rounding keeps order, so a value
+            # at the (float64) training max never counts as above it.
+            ranges = np.array([spec.feature_ranges[f] for f in spec.feature_names], np.float32)
             self.low, self.high = ranges[:, 0].copy(), ranges[:, 1].copy()
             self.out_of_range = np.zeros((2, len(ranges)), dtype=np.int64)  # below, above
 

@@ -97,7 +97,11 @@ def test_out_of_range_rows_are_counted_per_feature_and_side(server_factory):
     above[FEATURES.index("MedInc")] = ranges["MedInc"][1] + 1.0
     below = list(inside)
     below[FEATURES.index("Latitude")] = ranges["Latitude"][0] - 0.5
-    r = httpx.post(server.url + PREDICT, json={"inputs": [inside, above, above, below]})
+    at_min = [lo for lo, _ in ranges.values()]  # the training extremes are inside, even
+    at_max = [hi for _, hi in ranges.values()]  # after the float32 rounding of the request
+    r = httpx.post(
+        server.url + PREDICT, json={"inputs": [inside, above, above, below, at_min, at_max]}
+    )
     assert r.status_code == 200  # served: out of range is a signal, not an error
     oor = "kanmoe_input_out_of_range_total"
     assert value(server, oor, feature="MedInc", side="above") == 2
