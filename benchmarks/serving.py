@@ -1,0 +1,571 @@
+"""Serving throughput and latency: ``kanmoe serve`` vs a hand-written server and the HTTP floor.
+
+Every server runs in its own process, started and stopped here, and is loaded from another
+process (``wrk``, one thread; an httpx load generator when wrk is missing) for a fixed time
+at concurrency 1, 16 and 64 with one-row Open Inference Protocol v2 JSON requests:
+
+- ``kanmoe serve`` as shipped (metrics on, batching on), without and with ``KANMOE_API_TOKEN``,
+  and with ``--no-batching``, ``--no-metrics``, ``--workers 2``;
+- the hand-written baseline: ~20 lines of FastAPI + ONNX Runtime (``await request.json()``,
+  numpy, ``session.run``, ``JSONResponse``) on plain uvicorn with h11 + asyncio, which is
+  what ``pip install fastapi uvicorn`` gives (no uvloop/httptools);
+- the HTTP floor: a bare ASGI app returning a fixed body on the stack ``kanmoe serve`` uses
+  (uvicorn with uvloop + httptools);
+- raw ``session.run`` in this process, batch 1 and batch 64 (no HTTP at all).
+
+Fairness on a small machine: ORT gets 1 intra-op thread in every server, wrk 1 thread; all
+servers stay up for the whole run and are measured interleaved (round by round, the order
+rotating each round), each warmed first; the table gives the median over rounds.
+
+Run from the repo root: ``python benchmarks/serving.py`` (``make bench-serve``); ``--quick``
+is a smoke run (1 s points, 1 round) that does not write RESULTS.md.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # sibling module: the script runs as a file, not as a package
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "california_kamoe"
+MODEL_FILE = ROOT / "model_repository" / MODEL / "1" / "model.onnx"
+INFER_PATH = f"/v2/models/{MODEL}/infer"
+ROW = [8.3252, 41.0, 6.984127, 1.02381, 322.0, 2.555556, 37.88, -122.23]  # California row 0
+DATA = ",".join(map(str, ROW))
+BODY = f'{{"inputs":[{{"name":"input","datatype":"FP32","shape":[1,8],"data":[{DATA}]}}]}}'
+TOKEN = "bench-token"
+CONCURRENCY = (1, 16, 64)
+
+
+# -- the two reference servers (run in child processes: ``serving.py --serve NAME``) ---------
+def serve_baseline(port: int) -> None:
+    """The hand-written baseline: what a user writes in 20 lines with FastAPI and ORT."""
+    import numpy as np
+    import onnxruntime as ort
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    app = FastAPI()
+
+    @app.get("/v2/health/ready")
+    async def ready() -> dict:
+        return {}
+
+    @app.post(INFER_PATH)
+    async def infer(request: Request) -> JSONResponse:
+        tensor = (await request.json())["inputs"][0]
+        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        out, gates = session.run(["output", "gate_weights"], {"input": x})
+        outputs = [
+            {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.ravel().tolist()}
+            for n, a in (("output", out), ("gate_weights", gates))
+        ]
+        return JSONResponse({"model_name": MODEL, "model_version": "1", "outputs": outputs})
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="asyncio",
+        http="h11",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+FLOOR_BODY = (
+    b'{"model_name":"california_kamoe","model_version":"1","outputs":[{"name":"output",'
+    b'"datatype":"FP32","shape":[1,1],"data":[4.327404]},{"name":"gate_weights","datatype"'
+    b':"FP32","shape":[1,3],"data":[0.38702908,0.5660256,0.046945304]}]}'
+)
+
+
+def serve_floor(port: int) -> None:
+    """The HTTP floor: read the body, answer a fixed kanmoe-sized reply, nothing else."""
+    import uvicorn
+
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(FLOOR_BODY)).encode()),
+    ]
+
+    async def app(scope: dict, receive, send) -> None:
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": FLOOR_BODY})
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+# -- server processes ---------------------------------------------------------------------------
+@dataclass
+class Config:
+    key: str
+    label: str
+    args: list[str]  # after the executable; "{port}" is filled in
+    token: bool = False
+
+
+def configs() -> list[Config]:
+    kanmoe = str(Path(sys.executable).with_name("kanmoe"))
+    if not Path(kanmoe).exists():
+        kanmoe = shutil.which("kanmoe") or "kanmoe"
+    base = [
+        kanmoe,
+        "serve",
+        "--repository",
+        str(ROOT / "model_repository"),
+        "--port",
+        "{port}",
+        "--intra-op-threads",
+        "1",
+    ]
+    me = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    return [
+        Config("kanmoe", "kanmoe serve (as shipped, no token)", base),
+        Config("kanmoe_auth", "kanmoe serve + KANMOE_API_TOKEN", base, token=True),
+        Config("no_batching", "kanmoe serve --no-batching", [*base, "--no-batching"]),
+        Config("no_metrics", "kanmoe serve --no-metrics", [*base, "--no-metrics"]),
+        Config("workers2", "kanmoe serve --workers 2", [*base, "--workers", "2"]),
+        Config(
+            "baseline",
+            "hand-written FastAPI + ORT (uvicorn h11/asyncio)",
+            [*me, "baseline", "{port}"],
+        ),
+        Config(
+            "floor", "bare ASGI fixed body (uvicorn uvloop/httptools)", [*me, "floor", "{port}"]
+        ),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server process group: started in its own session so cleanup kills the workers too."""
+
+    def __init__(self, cfg: Config, logdir: Path) -> None:
+        self.cfg = cfg
+        self.port = free_port()
+        env = dict(os.environ, KANMOE_LOG_LEVEL="warning")
+        env.pop("KANMOE_API_TOKEN", None)
+        if cfg.token:
+            env["KANMOE_API_TOKEN"] = TOKEN
+        self.log = logdir / f"{cfg.key}.log"
+        argv = [a.replace("{port}", str(self.port)) for a in cfg.args]
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.url = f"http://127.0.0.1:{self.port}{INFER_PATH}"
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-800:]
+                raise RuntimeError(f"{self.cfg.key} exited ({self.proc.returncode}):\n{tail}")
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=2
+                ) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.cfg.key} not ready after {timeout_s:.0f} s (log {self.log})")
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL it after 10 s: never leave a server behind."""
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# -- load generation ------------------------------------------------------------------------------
+LUA = """wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+%s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+@dataclass
+class Point:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+
+def parse_result(text: str, what: str) -> Point:
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            n, dur_us, p50, p99, status, sock = (int(v) for v in line.split()[1:7])
+            return Point(n / (dur_us / 1e6), p50 / 1e3, p99 / 1e3, status, sock)
+    raise RuntimeError(f"{what}: no RESULT line in the load generator's output:\n{text[-800:]}")
+
+
+class Load:
+    """``wrk -t1`` with a Lua script whose ``done`` prints the counts and percentiles."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.scripts = {}
+        for token in (False, True):
+            auth = f'wrk.headers["Authorization"] = "Bearer {TOKEN}"' if token else ""
+            path = workdir / f"post{'_auth' if token else ''}.lua"
+            path.write_text(LUA % (BODY, auth))
+            self.scripts[token] = path
+
+    def run(self, server: Server, connections: int, seconds: int) -> Point:
+        if self.kind == "wrk":
+            argv = [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds:g}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(self.scripts[server.cfg.token]),
+                server.url,
+            ]
+        else:
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--httpx-load",
+                server.url,
+                str(connections),
+                str(seconds),
+                "1" if server.cfg.token else "0",
+            ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        return parse_result(done.stdout + done.stderr, f"{server.cfg.key} c={connections}")
+
+
+def httpx_load(url: str, connections: int, seconds: float, token: bool) -> None:
+    """Fallback load generator (prints wrk's RESULT line); far slower than wrk per request."""
+    import asyncio
+
+    import httpx
+
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {TOKEN}"
+    latencies: list[float] = []
+    errors = {"status": 0, "socket": 0}
+
+    async def worker(client: httpx.AsyncClient, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, content=BODY, headers=headers)
+            except httpx.HTTPError:
+                errors["socket"] += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            errors["status"] += not 200 <= r.status_code < 300
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=connections)
+        async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(client, t0 + seconds) for _ in range(connections)))
+            return time.perf_counter() - t0
+
+    elapsed = asyncio.run(main())
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    print(
+        f"RESULT {len(latencies)} {int(elapsed * 1e6)} {int(q[49] * 1e6)} {int(q[98] * 1e6)} "
+        f"{errors['status']} {errors['socket']}"
+    )
+
+
+# -- raw session.run -----------------------------------------------------------------------------
+def raw_rows_per_s(session, batch: int, seconds: float) -> float:
+    import numpy as np
+
+    x = np.tile(np.asarray(ROW, np.float32), (batch, 1))
+    names = ["output", "gate_weights"]
+    session.run(names, {"input": x})
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        session.run(names, {"input": x})
+        n += 1
+    return n * batch / elapsed
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    points: dict[tuple[str, int], list[Point]] = field(default_factory=dict)
+    raw: dict[int, list[float]] = field(default_factory=dict)
+
+    def median(self, key: str, c: int) -> Point | None:
+        pts = self.points.get((key, c))
+        if not pts:
+            return None
+        med = statistics.median
+        return Point(
+            med(p.rps for p in pts),
+            med(p.p50_ms for p in pts),
+            med(p.p99_ms for p in pts),
+            sum(p.non_2xx for p in pts),
+            sum(p.socket_errors for p in pts),
+        )
+
+
+def measure(args: argparse.Namespace, cfgs: list[Config], load: Load, logdir: Path) -> Results:
+    import onnxruntime as ort
+
+    res = Results()
+    servers: list[Server] = []
+    try:
+        for cfg in cfgs:
+            servers.append(Server(cfg, logdir))
+        for s in servers:
+            s.wait_ready()
+            load.run(s, 16, args.warmup)  # warm: JIT-free, but caches, allocator, connections
+            print(f"  ready and warmed: {s.cfg.label} (pid {s.pid()}, port {s.port})", flush=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        for r in range(args.rounds):
+            order = servers[r % len(servers) :] + servers[: r % len(servers)]
+            for c in args.concurrency:
+                for s in order:
+                    p = load.run(s, c, args.seconds)
+                    res.points.setdefault((s.cfg.key, c), []).append(p)
+                    print(
+                        f"  round {r + 1} c={c:<3} {s.cfg.key:<12} {p.rps:9.0f} rows/s "
+                        f"p50 {p.p50_ms:7.3f} ms p99 {p.p99_ms:8.3f} ms "
+                        f"non-2xx {p.non_2xx} socket errors {p.socket_errors}",
+                        flush=True,
+                    )
+            for batch in (1, 64):
+                res.raw.setdefault(batch, []).append(raw_rows_per_s(session, batch, args.seconds))
+    finally:
+        for s in servers:
+            s.stop()
+    return res
+
+
+def goal_rows(res: Results) -> list[tuple[str, str, str, str]]:
+    """(goal, measured, target, verdict) for every goal the issue sets, per kanmoe variant."""
+    rows = []
+
+    def add(name: str, value: float | None, target: float, fmt: str, higher: bool = True) -> None:
+        if value is None:
+            rows.append((name, "n/a", "", "not measured"))
+            return
+        met = value >= target if higher else value <= target
+        sign = ">=" if higher else "<="
+        rows.append((name, fmt % value, f"{sign} {fmt % target}", "met" if met else "NOT met"))
+
+    def ratio(a: str, b: str, c: int, attr: str = "rps") -> float | None:
+        pa, pb = res.median(a, c), res.median(b, c)
+        return getattr(pa, attr) / getattr(pb, attr) if pa and pb else None
+
+    for k in ("kanmoe", "kanmoe_auth"):
+        add(f"c=64 {k} / HTTP floor (rows/s)", ratio(k, "floor", 64), 0.60, "%.2f")
+        add(f"c=64 {k} / hand-written baseline (rows/s)", ratio(k, "baseline", 64), 8.0, "%.1fx")
+        add(f"c=1 {k} p50 / baseline p50", ratio(k, "baseline", 1, "p50_ms"), 0.5, "%.2f", False)
+    add("c=64 batching on / off (rows/s)", ratio("kanmoe", "no_batching", 64), 4.0, "%.1fx")
+    for c in (16, 64):
+        add(f"c={c} metrics on / off (rows/s)", ratio("kanmoe", "no_metrics", c), 0.90, "%.2f")
+    w = ratio("workers2", "kanmoe", 64)
+    rows.append(
+        (
+            "c=64 --workers 2 / 1 (rows/s)",
+            "n/a" if w is None else f"{w:.2f}x",
+            "(no goal: 2 cores shared with wrk)",
+            "reported",
+        )
+    )
+    bad = sum(p.non_2xx + p.socket_errors for pts in res.points.values() for p in pts)
+    rows.append(
+        ("non-2xx + socket errors, all runs", str(bad), "= 0", "met" if not bad else "NOT met")
+    )
+    return rows
+
+
+def report(res: Results, cfgs: list[Config], args: argparse.Namespace, info: dict) -> str:
+    lines = [
+        "| server | concurrency | rows/s (= req/s) | p50 ms | p99 ms | non-2xx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cfg in cfgs:
+        for c in args.concurrency:
+            p = res.median(cfg.key, c)
+            if p is not None:
+                lines.append(
+                    f"| {cfg.label} | {c} | {p.rps:,.0f} | {p.p50_ms:.3f} | "
+                    f"{p.p99_ms:.3f} | {p.non_2xx + p.socket_errors} |"
+                )
+    for batch, vals in sorted(res.raw.items()):
+        v = statistics.median(vals)
+        lines.append(
+            f"| raw `session.run` in-process, batch {batch} | - | {v:,.0f} | "
+            f"{batch / v * 1e3:.3f} (per call) | | |"
+        )
+    goals = ["| goal | measured | target | verdict |", "|---|---|---|---|"]
+    goals += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in goal_rows(res)]
+    head = [
+        "## Serving (make bench-serve)",
+        "",
+        f"- Machine: {info['cpu']}, nproc {info['nproc']}; {info['versions']}",
+        f"- Command: `{info['command']}`; started {info['start']}, took {info['took']:.0f} s",
+        f"- Load average (1/5/15 min) before: {info['load_before']}; after: {info['load_after']}"
+        + (
+            " — shared machine: absolute numbers are depressed and noisy; the ratios hold "
+            "better (servers measured interleaved)"
+            if info["busy"]
+            else ""
+        ),
+        f"- Load: {info['load']}, {args.seconds:g} s per point after a {args.warmup:g} s warm-up "
+        f"at concurrency 16, {args.rounds} interleaved round(s); **median over rounds**. "
+        "One-row v2 JSON `POST /v2/models/california_kamoe/infer` (body below), keep-alive.",
+        "- Every server: ORT CPU EP, 1 intra-op thread (kanmoe: `--intra-op-threads 1`), one "
+        "process unless named; kanmoe otherwise as shipped (metrics on, batching on, "
+        "max delay 1 ms, access log off); the token run sets `KANMOE_API_TOKEN` and wrk sends "
+        "`Authorization: Bearer`.",
+        "- Baseline: FastAPI + ORT in ~20 lines (`await request.json()`, numpy, `session.run` "
+        "in the async route, `JSONResponse`) on uvicorn with h11 + asyncio (what `pip install "
+        "fastapi uvicorn` runs). Floor: a bare ASGI app reading the body and sending a fixed "
+        f"{len(FLOOR_BODY)}-byte reply on uvicorn with uvloop + httptools (kanmoe's stack).",
+    ]
+    if info.get("note"):
+        head.append(f"- Note: {info['note']}")
+    body = f"- Request body: `{BODY}`"
+    return "\n".join([*head, body, "", *lines, "", *goals])
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()
+    return out[1] if len(out) > 1 else "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=5, help="seconds per measured point")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds per server")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    ap.add_argument("--only", nargs="+", help="config keys to run (default: all)")
+    ap.add_argument("--load", choices=("auto", "wrk", "httpx"), default="auto")
+    ap.add_argument("--note", default="", help="free text recorded with the results")
+    ap.add_argument("--quick", action="store_true", help="1 s points, 1 round, no RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--serve", nargs=2, metavar=("NAME", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--httpx-load", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        {"baseline": serve_baseline, "floor": serve_floor}[args.serve[0]](int(args.serve[1]))
+        return
+    if args.httpx_load:
+        url, c, s, tok = args.httpx_load
+        httpx_load(url, int(c), float(s), tok == "1")
+        return
+    if args.quick:
+        args.seconds, args.warmup, args.rounds, args.no_write = 1, 1, 1, True
+    cfgs = [c for c in configs() if not args.only or c.key in args.only]
+    kind = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
+    if kind == "httpx":
+        print(
+            "note: wrk not found (apt-get install wrk); using the httpx load generator, which "
+            "saturates before fast servers do: ratios to the floor are understated"
+        )
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed bench still stops its servers
+    load_before, t0 = os.getloadavg(), time.time()
+    start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="kanmoe-bench-serve-") as tmp:
+        res = measure(args, cfgs, Load(kind, Path(tmp)), Path(tmp))
+    load_after = os.getloadavg()
+    info = {
+        "cpu": results_file.machine_line().split(",")[0],
+        "nproc": os.cpu_count(),
+        "versions": versions(),
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+        "start": start,
+        "took": time.time() - t0,
+        "load_before": " / ".join(f"{v:.2f}" for v in load_before),
+        "load_after": " / ".join(f"{v:.2f}" for v in load_after),
+        "busy": max(load_before[0], load_after[0]) > 1.5,
+        "load": f"wrk {wrk_version()}, 1 thread" if kind == "wrk" else "httpx AsyncClient fallback",
+        "note": args.note,
+    }
+    text = report(res, cfgs, args, info)
+    print("\n" + text)
+    if not args.no_write:
+        results_file.update_section("serving", text)
+        print(f"\nwritten to {results_file.RESULTS}")
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    names = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson")
+    return ", ".join(f"{n} {version(n)}" for n in names) + f", Python {sys.version.split()[0]}"
+
+
+if __name__ == "__main__":
+    main()
