@@ -36,92 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_file  # sibling module: the script runs as a file, not as a package
+import results_file  # sibling modules: the script runs as a file, not as a package
+from serving_peers import BODY, FLOOR_BODY, INFER_PATH, MODEL_FILE, ROOT, ROW, TOKEN
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "california_kamoe"
-MODEL_FILE = ROOT / "model_repository" / MODEL / "1" / "model.onnx"
-INFER_PATH = f"/v2/models/{MODEL}/infer"
-ROW = [8.3252, 41.0, 6.984127, 1.02381, 322.0, 2.555556, 37.88, -122.23]  # California row 0
-DATA = ",".join(map(str, ROW))
-BODY = f'{{"inputs":[{{"name":"input","datatype":"FP32","shape":[1,8],"data":[{DATA}]}}]}}'
-TOKEN = "bench-token"
 CONCURRENCY = (1, 16, 64)
-
-
-# -- the two reference servers (run in child processes: ``serving.py --serve NAME``) ---------
-def serve_baseline(port: int) -> None:
-    """The hand-written baseline: what a user writes in 20 lines with FastAPI and ORT."""
-    import numpy as np
-    import onnxruntime as ort
-    import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-    app = FastAPI()
-
-    @app.get("/v2/health/ready")
-    async def ready() -> dict:
-        return {}
-
-    @app.post(INFER_PATH)
-    async def infer(request: Request) -> JSONResponse:
-        tensor = (await request.json())["inputs"][0]
-        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
-        out, gates = session.run(["output", "gate_weights"], {"input": x})
-        outputs = [
-            {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.ravel().tolist()}
-            for n, a in (("output", out), ("gate_weights", gates))
-        ]
-        return JSONResponse({"model_name": MODEL, "model_version": "1", "outputs": outputs})
-
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="asyncio",
-        http="h11",
-        log_level="warning",
-        access_log=False,
-    )
-
-
-FLOOR_BODY = (
-    b'{"model_name":"california_kamoe","model_version":"1","outputs":[{"name":"output",'
-    b'"datatype":"FP32","shape":[1,1],"data":[4.327404]},{"name":"gate_weights","datatype"'
-    b':"FP32","shape":[1,3],"data":[0.38702908,0.5660256,0.046945304]}]}'
-)
-
-
-def serve_floor(port: int) -> None:
-    """The HTTP floor: read the body, answer a fixed kanmoe-sized reply, nothing else."""
-    import uvicorn
-
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(FLOOR_BODY)).encode()),
-    ]
-
-    async def app(scope: dict, receive, send) -> None:
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": FLOOR_BODY})
-
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-    )
+PEERS = Path(__file__).resolve().with_name("serving_peers.py")
 
 
 # -- server processes ---------------------------------------------------------------------------
@@ -147,7 +66,7 @@ def configs() -> list[Config]:
         "--intra-op-threads",
         "1",
     ]
-    me = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    me = [sys.executable, str(PEERS)]
     return [
         Config("kanmoe", "kanmoe serve (as shipped, no token)", base),
         Config("kanmoe_auth", "kanmoe serve + KANMOE_API_TOKEN", base, token=True),
@@ -272,68 +191,17 @@ class Load:
             self.scripts[token] = path
 
     def run(self, server: Server, connections: int, seconds: int) -> Point:
+        """Load ``server`` for ``seconds`` from ``connections`` keep-alive connections."""
         if self.kind == "wrk":
-            argv = [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{seconds:g}s",
-                "--timeout",
-                "10s",
-                "-s",
-                str(self.scripts[server.cfg.token]),
-                server.url,
-            ]
+            script = str(self.scripts[server.cfg.token])
+            argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                    "-s", script, server.url]  # fmt: skip
         else:
-            argv = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--httpx-load",
-                server.url,
-                str(connections),
-                str(seconds),
-                "1" if server.cfg.token else "0",
-            ]
+            token = "1" if server.cfg.token else "0"
+            argv = [sys.executable, str(PEERS), "load", server.url, str(connections),
+                    str(seconds), token]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         return parse_result(done.stdout + done.stderr, f"{server.cfg.key} c={connections}")
-
-
-def httpx_load(url: str, connections: int, seconds: float, token: bool) -> None:
-    """Fallback load generator (prints wrk's RESULT line); far slower than wrk per request."""
-    import asyncio
-
-    import httpx
-
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {TOKEN}"
-    latencies: list[float] = []
-    errors = {"status": 0, "socket": 0}
-
-    async def worker(client: httpx.AsyncClient, deadline: float) -> None:
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            try:
-                r = await client.post(url, content=BODY, headers=headers)
-            except httpx.HTTPError:
-                errors["socket"] += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
-            errors["status"] += not 200 <= r.status_code < 300
-
-    async def main() -> float:
-        limits = httpx.Limits(max_connections=connections)
-        async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(client, t0 + seconds) for _ in range(connections)))
-            return time.perf_counter() - t0
-
-    elapsed = asyncio.run(main())
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    print(
-        f"RESULT {len(latencies)} {int(elapsed * 1e6)} {int(q[49] * 1e6)} {int(q[98] * 1e6)} "
-        f"{errors['status']} {errors['socket']}"
-    )
 
 
 # -- raw session.run -----------------------------------------------------------------------------
@@ -380,7 +248,12 @@ def measure(args: argparse.Namespace, cfgs: list[Config], load: Load, logdir: Pa
             servers.append(Server(cfg, logdir))
         for s in servers:
             s.wait_ready()
-            load.run(s, 16, args.warmup)  # warm: JIT-free, but caches, allocator, connections
+            # Warm until a run is clean: caches, allocator, and with --workers every worker
+            # ready (readiness may answer from the first worker while another still loads).
+            for _ in range(10):
+                warm = load.run(s, 16, args.warmup)
+                if warm.non_2xx + warm.socket_errors == 0:
+                    break
             print(f"  ready and warmed: {s.cfg.label} (pid {s.pid()}, port {s.port})", flush=True)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
@@ -515,16 +388,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="free text recorded with the results")
     ap.add_argument("--quick", action="store_true", help="1 s points, 1 round, no RESULTS.md")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    ap.add_argument("--serve", nargs=2, metavar=("NAME", "PORT"), help=argparse.SUPPRESS)
-    ap.add_argument("--httpx-load", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve:
-        {"baseline": serve_baseline, "floor": serve_floor}[args.serve[0]](int(args.serve[1]))
-        return
-    if args.httpx_load:
-        url, c, s, tok = args.httpx_load
-        httpx_load(url, int(c), float(s), tok == "1")
-        return
     if args.quick:
         args.seconds, args.warmup, args.rounds, args.no_write = 1, 1, 1, True
     cfgs = [c for c in configs() if not args.only or c.key in args.only]
@@ -550,7 +414,9 @@ def main() -> None:
         "load_before": " / ".join(f"{v:.2f}" for v in load_before),
         "load_after": " / ".join(f"{v:.2f}" for v in load_after),
         "busy": max(load_before[0], load_after[0]) > 1.5,
-        "load": f"wrk {wrk_version()}, 1 thread" if kind == "wrk" else "httpx AsyncClient fallback",
+        "load": f"wrk {wrk_version()}, 1 thread"
+        if kind == "wrk"
+        else "httpx AsyncClient fallback (wrk missing; it saturates before fast servers do, so ratios to the floor are understated)",
         "note": args.note,
     }
     text = report(res, cfgs, args, info)
