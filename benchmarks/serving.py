@@ -40,6 +40,10 @@ import results_file  # sibling modules: the script runs as a file, not as a pack
 from serving_peers import BODY, FLOOR_BODY, INFER_PATH, MODEL_FILE, ROOT, ROW, TOKEN
 
 CONCURRENCY = (1, 16, 64)
+HTTPX_NOTE = (
+    "httpx AsyncClient (wrk missing: `apt-get install wrk`); it saturates before fast servers "
+    "do, so ratios to the floor are understated"
+)
 PEERS = Path(__file__).resolve().with_name("serving_peers.py")
 
 
@@ -414,9 +418,7 @@ def main() -> None:
         "load_before": " / ".join(f"{v:.2f}" for v in load_before),
         "load_after": " / ".join(f"{v:.2f}" for v in load_after),
         "busy": max(load_before[0], load_after[0]) > 1.5,
-        "load": f"wrk {wrk_version()}, 1 thread"
-        if kind == "wrk"
-        else "httpx AsyncClient fallback (wrk missing; it saturates before fast servers do, so ratios to the floor are understated)",
+        "load": f"wrk {wrk_version()}, 1 thread" if kind == "wrk" else HTTPX_NOTE,
         "note": args.note,
     }
     text = report(res, cfgs, args, info)
