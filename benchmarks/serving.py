@@ -398,10 +398,7 @@ def main() -> None:
     cfgs = [c for c in configs() if not args.only or c.key in args.only]
     kind = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
     if kind == "httpx":
-        print(
-            "note: wrk not found (apt-get install wrk); using the httpx load generator, which "
-            "saturates before fast servers do: ratios to the floor are understated"
-        )
+        print(f"note: load from {HTTPX_NOTE}")
     signal.signal(signal.SIGTERM, _interrupt)  # a killed bench still stops its servers
     load_before, t0 = os.getloadavg(), time.time()
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
