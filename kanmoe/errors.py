@@ -13,6 +13,10 @@ class DataError(KanmoeError, ValueError):
     """Input data is missing columns, has the wrong shape, or holds non-finite values."""
 
 
+class TrainingError(KanmoeError):
+    """Training cannot produce a model (the loss went non-finite before any usable epoch)."""
+
+
 class ExportError(KanmoeError):
     """An ONNX export could not be written or failed verification."""
 

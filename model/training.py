@@ -315,6 +315,15 @@ class Trainer:
                     cb(epoch + 1, row)
         finally:
             bar.close()
+        if self.best_state is None and r.history and not math.isfinite(r.history[-1]["train_loss"]):
+            from kanmoe.errors import TrainingError
+
+            last = r.history[-1]
+            raise TrainingError(
+                f"training diverged: train loss {last['train_loss']} at epoch {last['epoch']} "
+                f"before any finite validation loss; lower train.lr ({c.lr:g}) or set "
+                "train.grad_clip"
+            )
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return r

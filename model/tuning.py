@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kanmoe.errors import TrainingError
 from kanmoe.model.config import RunConfig, TuneParam, validate_config
 
 DEFAULT_SPACE: dict[str, TuneParam] = {
@@ -91,7 +92,11 @@ def run_study(
         trainer = Trainer(
             model, trial_cfg.train, seed=trial_cfg.seed, callbacks=[report], steps_per_epoch=steps
         )
-        result = trainer.fit(xt, yt, xv, yv)
+        try:
+            result = trainer.fit(xt, yt, xv, yv)
+        except TrainingError as exc:  # a diverging trial is a bad point, not a failed study
+            echo(f"trial {trial.number}: pruned, {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
         echo(
             f"trial {trial.number}: best val loss {result.best_val:.5f} "
             f"at epoch {result.best_epoch}"

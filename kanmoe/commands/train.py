@@ -85,6 +85,16 @@ def register(app: typer.Typer) -> None:
         study = run_study(
             cfg, trials=trials, storage=storage, study_name=study_name, echo=typer.echo
         )
+        import optuna
+
+        done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if not done:
+            from kanmoe.errors import TrainingError
+
+            raise TrainingError(
+                f"no trial finished ({len(study.trials)} pruned or failed); widen or move "
+                "the search space"
+            )
         best = study.best_trial
         typer.echo(f"best trial {best.number}: val loss {best.value:.5f}")
         typer.echo(json.dumps(best.params, indent=2))
