@@ -227,7 +227,7 @@ def load_tabular(cfg: TabularData) -> Dataset:
     return Dataset(x=xs, y=ys, prep=prep)
 
 
-def _rolling_median_ratio(values: np.ndarray, window: int, horizon: int) -> np.ndarray:
+def rolling_median_ratio(values: np.ndarray, window: int, horizon: int) -> np.ndarray:
     """values[t] / median(values[t-h-window+1 .. t-h]) per column; NaN where undefined."""
     frame = pd.DataFrame(values)
     med = frame.rolling(window, min_periods=window).median().shift(horizon).to_numpy()
@@ -235,7 +235,8 @@ def _rolling_median_ratio(values: np.ndarray, window: int, horizon: int) -> np.n
     return values / med
 
 
-def _series_blocks(df: pd.DataFrame, cfg: SequenceData) -> list[tuple[str, pd.DataFrame]]:
+def series_blocks(df: pd.DataFrame, cfg: SequenceData) -> list[tuple[str, pd.DataFrame]]:
+    """(series name, its rows sorted by time) per series; ("all", every row) without one."""
     if cfg.time_column not in df.columns:
         raise DataError(f"data.time_column: column '{cfg.time_column}' not in the CSV")
     if cfg.series_column is None:
@@ -263,12 +264,12 @@ def load_sequence(cfg: SequenceData) -> Dataset:
     wins: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     tgts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     train_rows, train_targets = [], []
-    for _, block in _series_blocks(df, cfg):
+    for _, block in series_blocks(df, cfg):
         x = block[features].to_numpy(dtype=np.float64)
         t = block[[cfg.target]].to_numpy(dtype=np.float64)
         if cfg.normalization == "rolling_median":
-            x = _rolling_median_ratio(x, cfg.window, h)
-            t = x[:, [tgt_col]] if tgt_col is not None else _rolling_median_ratio(t, cfg.window, h)
+            x = rolling_median_ratio(x, cfg.window, h)
+            t = x[:, [tgt_col]] if tgt_col is not None else rolling_median_ratio(t, cfg.window, h)
             keep = np.isfinite(x).all(axis=1) & np.isfinite(t).all(axis=1)
             first = int(np.argmax(keep)) if keep.any() else len(keep)
             x, t = x[first:], t[first:]
