@@ -295,8 +295,14 @@ def goal_rows(res: Results) -> list[tuple[str, str, str, str]]:
         rows.append((name, fmt % value, f"{sign} {fmt % target}", "met" if met else "NOT met"))
 
     def ratio(a: str, b: str, c: int, attr: str = "rps") -> float | None:
-        pa, pb = res.median(a, c), res.median(b, c)
-        return getattr(pa, attr) / getattr(pb, attr) if pa and pb else None
+        """Median over rounds of the per-round ratio: both sides measured minutes apart at
+        most, so a slow drift in the machine's background load cancels out."""
+        pa, pb = res.points.get((a, c)), res.points.get((b, c))
+        if not pa or not pb:
+            return None
+        return statistics.median(
+            getattr(x, attr) / getattr(y, attr) for x, y in zip(pa, pb, strict=True)
+        )
 
     for k in ("kanmoe", "kanmoe_auth"):
         add(f"c=64 {k} / HTTP floor (rows/s)", ratio(k, "floor", 64), 0.60, "%.2f")
@@ -323,22 +329,23 @@ def goal_rows(res: Results) -> list[tuple[str, str, str, str]]:
 
 def report(res: Results, cfgs: list[Config], args: argparse.Namespace, info: dict) -> str:
     lines = [
-        "| server | concurrency | rows/s (= req/s) | p50 ms | p99 ms | non-2xx |",
-        "|---|---|---|---|---|---|",
+        "| server | concurrency | rows/s (= req/s) | rows/s min-max | p50 ms | p99 ms | non-2xx |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cfg in cfgs:
         for c in args.concurrency:
             p = res.median(cfg.key, c)
             if p is not None:
+                rps = [q.rps for q in res.points[cfg.key, c]]
                 lines.append(
-                    f"| {cfg.label} | {c} | {p.rps:,.0f} | {p.p50_ms:.3f} | "
-                    f"{p.p99_ms:.3f} | {p.non_2xx + p.socket_errors} |"
+                    f"| {cfg.label} | {c} | {p.rps:,.0f} | {min(rps):,.0f}-{max(rps):,.0f} | "
+                    f"{p.p50_ms:.3f} | {p.p99_ms:.3f} | {p.non_2xx + p.socket_errors} |"
                 )
     for batch, vals in sorted(res.raw.items()):
         v = statistics.median(vals)
         lines.append(
             f"| raw `session.run` in-process, batch {batch} | - | {v:,.0f} | "
-            f"{batch / v * 1e3:.3f} (per call) | | |"
+            f"{min(vals):,.0f}-{max(vals):,.0f} | {batch / v * 1e3:.3f} (per call) | | |"
         )
     goals = ["| goal | measured | target | verdict |", "|---|---|---|---|"]
     goals += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in goal_rows(res)]
@@ -355,11 +362,14 @@ def report(res: Results, cfgs: list[Config], args: argparse.Namespace, info: dic
             else ""
         ),
         f"- Load: {info['load']}, {args.seconds:g} s per point after a {args.warmup:g} s warm-up "
-        f"at concurrency 16, {args.rounds} interleaved round(s); **median over rounds**. "
-        "One-row v2 JSON `POST /v2/models/california_kamoe/infer` (body below), keep-alive.",
+        f"at concurrency 16, {args.rounds} interleaved round(s) (server order rotated each "
+        "round); table: **median over rounds** (p50/p99 from wrk's per-request latencies); "
+        "goal ratios: median over rounds of the per-round ratio. One-row v2 JSON "
+        "`POST /v2/models/california_kamoe/infer` (body below), keep-alive connections.",
         "- Every server: ORT CPU EP, 1 intra-op thread (kanmoe: `--intra-op-threads 1`), one "
         "process unless named; kanmoe otherwise as shipped (metrics on, batching on, "
-        "max delay 1 ms, access log off); the token run sets `KANMOE_API_TOKEN` and wrk sends "
+        f"max delay {shipped('max_delay_ms'):g} ms, max batch {shipped('max_batch_size')} rows, "
+        "access log off); the token run sets `KANMOE_API_TOKEN` and wrk sends "
         "`Authorization: Bearer`.",
         "- Baseline: FastAPI + ORT in ~20 lines (`await request.json()`, numpy, `session.run` "
         "in the async route, `JSONResponse`) on uvicorn with h11 + asyncio (what `pip install "
@@ -423,6 +433,13 @@ def main() -> None:
     if not args.no_write:
         results_file.update_section("serving", text)
         print(f"\nwritten to {results_file.RESULTS}")
+
+
+def shipped(setting: str) -> object:
+    """A ``kanmoe serve`` default, read from its settings so this text never goes stale."""
+    from kanmoe.service.settings import ServeSettings
+
+    return ServeSettings.model_fields[setting].default
 
 
 def versions() -> str:
