@@ -30,8 +30,19 @@ from kanmoe.service.store import LoadedVersion, ModelStore, NotFound, NotReady
 log = logging.getLogger("kanmoe.service")
 
 EXTENSIONS = ["model_repository", "binary_tensor_data", "classification_free_metadata"]
+# Every error body is {"error": ...}; 422 is declared too so that FastAPI's own
+# HTTPValidationError shape (which this service never sends) is not documented.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
+    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503)
+}
+# The inference routes may also answer 408 (a request body that trickled in too slowly).
+INFER_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 408: {"model": schemas.ErrorResponse}}
+# A 200 infer answer is JSON, or JSON followed by binary tensors when an output is binary.
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **INFER_ERRORS,
+    200: {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    },
 }
 
 
@@ -130,11 +141,11 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
             raise ServiceError(503, str(exc)) from None
 
     # -- health and metrics ---------------------------------------------------------------
-    @app.get("/v2/health/live", tags=["health"])
+    @app.get("/v2/health/live", tags=["health"], response_class=Response)
     async def live() -> Response:
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", tags=["health"], responses=ERRORS)
+    @app.get("/v2/health/ready", tags=["health"], response_class=Response, responses=ERRORS)
     async def ready() -> Response:
         if service.draining:
             return _err(503, "the server is shutting down")
@@ -196,7 +207,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": schemas.PredictRequest.model_json_schema(),
+                    "schema": schemas.inline_schema(schemas.PredictRequest),
                     "examples": {
                         "named": {"value": {"instances": [schemas.EXAMPLE_INSTANCE]}},
                         "positional": {"value": {"inputs": [schemas.EXAMPLE_ROW]}},
@@ -210,7 +221,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         "/v1/models/{name}/predict",
         tags=["v1"],
         response_model=schemas.PredictResponse,
-        responses=ERRORS,
+        responses=INFER_ERRORS,
         openapi_extra=predict_doc,
     )
     async def predict(name: str, request: Request) -> Response:
@@ -222,7 +233,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         "/v1/models/{name}/versions/{version}/predict",
         tags=["v1"],
         response_model=schemas.PredictResponse,
-        responses=ERRORS,
+        responses=INFER_ERRORS,
         openapi_extra=predict_doc,
     )
     async def predict_version(name: str, version: str, request: Request) -> Response:
@@ -282,11 +293,16 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
             )
         return Response(status_code=200)
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], responses=ERRORS)
+    @app.get("/v2/models/{name}/ready", tags=["v2"], response_class=Response, responses=ERRORS)
     async def v2_ready(name: str) -> Response:
         return model_ready(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], responses=ERRORS)
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        tags=["v2"],
+        response_class=Response,
+        responses=ERRORS,
+    )
     async def v2_version_ready(name: str, version: str) -> Response:
         return model_ready(name, version)
 
@@ -323,7 +339,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": schemas.InferRequestBody.model_json_schema()},
+                "application/json": {"schema": schemas.inline_schema(schemas.InferRequestBody)},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         }
@@ -333,7 +349,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         "/v2/models/{name}/infer",
         tags=["v2"],
         response_model=schemas.InferResponseBody,
-        responses=ERRORS,
+        responses=INFER_RESPONSES,
         openapi_extra=infer_doc,
     )
     async def infer(name: str, request: Request) -> Response:
@@ -345,7 +361,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         "/v2/models/{name}/versions/{version}/infer",
         tags=["v2"],
         response_model=schemas.InferResponseBody,
-        responses=ERRORS,
+        responses=INFER_RESPONSES,
         openapi_extra=infer_doc,
     )
     async def infer_version(name: str, version: str, request: Request) -> Response:
@@ -353,7 +369,10 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         return _reply(await service.v2_infer(name, version, await request.body(), headers))
 
     @app.post(
-        "/v2/repository/index", tags=["repository"], response_model=list[schemas.RepositoryEntry]
+        "/v2/repository/index",
+        tags=["repository"],
+        response_model=list[schemas.RepositoryEntry],
+        responses=ERRORS,
     )
     async def repository_index() -> list[schemas.RepositoryEntry]:
         entries = {(v.name, v.version): v.entry() for v in store.all_versions()}

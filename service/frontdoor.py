@@ -163,18 +163,19 @@ class FrontDoor:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge
-        message = await receive()  # a small body has fully arrived with its headers
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        first = message.get("body", b"")
-        if len(first) > limit:
-            raise BodyTooLarge
-        if not message.get("more_body", False):
-            return first
-        chunks = [first]
-        size = len(first)
-        # The rest may trickle in: bound the wait so a slow-loris body cannot hold a slot.
+        # The whole read is bounded, the first message too: a slow-loris client may send the
+        # headers and then the body a byte at a time, or never.
         async with asyncio.timeout(self.settings.request_timeout_s):
+            message = await receive()  # a small body has fully arrived with its headers
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            first = message.get("body", b"")
+            if len(first) > limit:
+                raise BodyTooLarge
+            if not message.get("more_body", False):
+                return first
+            chunks = [first]
+            size = len(first)
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":

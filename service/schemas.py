@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 EXAMPLE_INSTANCE = {
     "MedInc": 8.3252,
@@ -28,18 +29,23 @@ class ErrorResponse(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """Exactly one of ``instances`` or ``inputs``; raw values in the units of training."""
+    """Exactly one of ``instances`` or ``inputs``; raw values in the units of training.
+
+    Both may be absent but never ``null`` (the server refuses null), so the schema leaves the
+    null out, and ``oneOf`` states the exactly-one rule.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"instances": [EXAMPLE_INSTANCE]}, {"inputs": [EXAMPLE_ROW]}]
+            "examples": [{"instances": [EXAMPLE_INSTANCE]}, {"inputs": [EXAMPLE_ROW]}],
+            "oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
         },
     )
-    instances: list[dict[str, float | list[float]]] | None = Field(
+    instances: list[dict[str, float | list[float]]] | SkipJsonSchema[None] = Field(
         None, description="rows keyed by feature name (sequence models: each a list of steps)"
     )
-    inputs: list[list[float] | list[list[float]]] | None = Field(
+    inputs: list[list[float] | list[list[float]]] | SkipJsonSchema[None] = Field(
         None, description="rows in feature order (sequence models: [steps][features])"
     )
     explain: bool = Field(False, description="reserved for per-expert explanations")
@@ -145,7 +151,7 @@ class InferRequestBody(BaseModel):
     id: str | None = None
     inputs: list[InferTensor]
     outputs: list[RequestedOutput] | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | SkipJsonSchema[None] = None  # the server refuses null here
 
 
 class InferResponseBody(BaseModel):
@@ -153,3 +159,25 @@ class InferResponseBody(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[InferTensor]
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined.
+
+    A schema embedded in an OpenAPI operation cannot keep ``#/$defs/...`` references: they
+    resolve against the whole document, where no ``$defs`` exists.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
