@@ -32,6 +32,7 @@ class KANLayerInfo:
     layer: KANLinear
     input_names: list[str]
     named_inputs: bool  # True when the inputs are (scaled) network inputs
+    input_scale: list[float] | None = None  # w with input = w ⊙ network input, when named
 
 
 def probe_inputs(servable: ServableModel, rows: int = 2048, seed: int = 0) -> tuple[Tensor, str]:
@@ -102,14 +103,14 @@ def expanded_names(servable: ServableModel) -> tuple[list[str], nn.Module | None
     return names, rot
 
 
-def _is_column_scaled(h: Tensor, z: Tensor, tol: float = 1e-4) -> bool:
-    """h == z * w for some per-column w (least squares through the origin, relative error)."""
+def _column_scale(h: Tensor, z: Tensor, tol: float = 1e-4) -> list[float] | None:
+    """w with h == z * w per column (least squares through the origin), None if no such w."""
     if h.shape != z.shape:
-        return False
+        return None
     h, z = h.double(), z.double()
     w = (h * z).sum(0) / (z * z).sum(0).clamp_min(1e-12)
     err = (h - z * w).norm() / h.norm().clamp_min(1e-12)
-    return bool(err < tol)
+    return w.tolist() if bool(err < tol) else None
 
 
 def _label(path: str, moe_paths: dict[str, str]) -> str:
@@ -142,7 +143,8 @@ def kan_layers(servable: ServableModel, x_raw: Tensor | None = None) -> list[KAN
     infos = []
     for path, layer in found:
         h = seen.get(id(layer))
-        named = h is not None and _is_column_scaled(h, z_exp.reshape(-1, z_exp.shape[-1]))
+        scale = None if h is None else _column_scale(h, z_exp.reshape(-1, z_exp.shape[-1]))
+        named = scale is not None
         inputs = names if named else [f"h{p}" for p in range(layer.in_features)]
-        infos.append(KANLayerInfo(_label(path, moe_paths), path, layer, inputs, named))
+        infos.append(KANLayerInfo(_label(path, moe_paths), path, layer, inputs, named, scale))
     return infos
