@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kanmoe.errors import DataError
+from kanmoe.errors import DataError, first_line
 from kanmoe.model.data import numeric_columns, rolling_median_ratio, series_blocks
 from kanmoe.model.run import ServableModel, atomic_save, load_run, predict_raw
 
@@ -125,8 +125,8 @@ def predict_csv(run_dir: str | Path, input_csv: str | Path, output_csv: str | Pa
         raise DataError(f"--input: file not found: {path}")
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"--input: cannot read {path} as CSV: {exc}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"--input: cannot read {path} as CSV: {first_line(exc)}") from None
     out = predict_frame(servable, df)
     atomic_save(output_csv, lambda tmp: out.to_csv(tmp, index=False, float_format="%.9g"))
     return len(out)

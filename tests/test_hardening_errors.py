@@ -258,3 +258,18 @@ def test_bad_set_value_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("name: x\n")
     assert_one_line_error(invoke("train", "-c", cfg, "--set", "train.lr=[1"), "--set train.lr")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"", "cannot read"), (b"a,b\n1,2\n3,4,5,6\n", "cannot read"), (None, "file not found")],
+)
+def test_broken_predict_input_is_one_line(
+    content: bytes | None, needle: str, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    src = tmp_path / "in.csv"
+    if content is not None:
+        src.write_bytes(content)
+    out = tmp_path / "out.csv"
+    assert_one_line_error(invoke("predict", runs["a"], "-i", src, "-o", out), "--input", needle)
+    assert not out.exists()
