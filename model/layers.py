@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.* for export_mode)
 from .activations import make_activation
 from .kan_edit import KANEditMixin, _ridge_fit
-from .splines import bspline_basis, linear_spline_lookup, rbf_basis
+from .splines import (
+    bspline_basis,
+    bspline_local_layer,
+    linear_spline_lookup,
+    rbf_basis,
+    use_local_bspline,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -266,6 +272,12 @@ class KANLinear(KANEditMixin, nn.Module):
         xn = self._normalise(x2)
         if self.basis == "linear":
             y = linear_spline_lookup(xn, self.coefficients(), self.grid_lo, self.grid_hi)
+        elif self.basis == "bspline" and use_local_bspline(
+            self.grid_size, self.spline_order, torch.is_grad_enabled()
+        ):
+            grid = (self.grid_size, self.spline_order, self.grid_lo, self.grid_hi)
+            y = bspline_local_layer(xn, self.coefficients(), *grid)
+            y = F.linear(self.base_activation(x2), self.base_weights()) + y
         else:
             bases = self._dense_basis(xn)
             coef = self.coefficients()

@@ -9,7 +9,6 @@ ops (``model/custom_ops.py``) so the ONNX exporter sees one node per call.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import kernels
 
 _EXPORT_DEPTH = 0
 
@@ -128,12 +129,15 @@ def _local_bspline(
     grid_hi: float,
     value: bool = True,
     derivative: bool = False,
+    first_row: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """The K+1 non-zero bases and/or their x-derivatives, and their column indices (K >= 1).
 
     Returns ``vals``, ``dvals`` (..., in, K+1) (zero where the column does not exist, None
     when not asked for) and ``cols`` (..., in, K+1) int64 indices into the G+K bases (clamped
-    to a valid column). Per-cell tables turn the edge handling into two small gathers.
+    to a valid column). Per-cell tables turn the edge handling into two small gathers. With
+    ``first_row`` the last result is instead (..., in) int64: the row of the first non-zero
+    basis in the coefficients padded by K zero rows on each side (rows first_row + s).
     """
     g, k = grid_size, spline_order
     h = (grid_hi - grid_lo) / g
@@ -146,6 +150,8 @@ def _local_bspline(
     mask = F.embedding(idx, valid)
     vals = _horner(t, coef) * mask if value else None
     dvals = _horner(t, dcoef) * mask if derivative else None
+    if first_row:  # padded row of column cell - K is cell; off-grid cells are all masked
+        return vals, dvals, (idx - 1).clamp_(0, n_cells - 1)
     return vals, dvals, F.embedding(idx, col_table)
 
 
@@ -238,6 +244,37 @@ def bspline_basis(
     return _BSplineFn.apply(x, grid_size, spline_order, grid_lo, grid_hi)
 
 
+# Local B-spline path once G + K >= this * (K + 1): forward only / with gradients. Measured
+# with benchmarks/kan_layers.py (256 -> 256, CPU): the dense matmul costs G + K bases per edge
+# at GEMM speed, the local path K + 1 rows at gather speed, and its backward needs 2(K + 1).
+LOCAL_MIN_BASES_PER_PIECE = (4, 8)
+
+
+def use_local_bspline(grid_size: int, spline_order: int, with_grad: bool = True) -> bool:
+    """Whether a layer evaluates only the K+1 non-zero pieces instead of a dense matmul."""
+    k = spline_order
+    ratio = LOCAL_MIN_BASES_PER_PIECE[1 if with_grad else 0]
+    return k >= 1 and grid_size + k >= ratio * (k + 1) and not is_exporting()
+
+
+def bspline_local_layer(
+    x: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_lo: float, grid_hi: float
+) -> Tensor:
+    """sum_p sum_i coef[q, p, i] B_i(x_p) from the K+1 non-zero bases only: (B, in) -> (B, out).
+
+    coef (out, in, G+K). Same values as ``bspline_basis(x) @ coef`` (float rounding aside),
+    cost independent of the grid size; first-order gradients only (``once_differentiable``).
+    """
+    k = spline_order
+    need_dx = torch.is_grad_enabled() and x.requires_grad
+    with torch.no_grad():
+        vals, dvals, first = _local_bspline(
+            x.detach(), grid_size, k, grid_lo, grid_hi, derivative=need_dx, first_row=True
+        )
+    table = F.pad(coef.permute(1, 2, 0), (0, 0, k, k))  # (in, G+3K, out), zero rows at the ends
+    return kernels.LocalRowsFn.apply(x, table, first, vals, dvals, 1.0)
+
+
 # --------------------------------------------------------------------------- RBF
 
 
@@ -286,91 +323,6 @@ def linear_spline_lookup_reference(
     return (left + t.unsqueeze(-1) * (right - left)).sum(-2)
 
 
-def _lookup_flat(x2: Tensor, n_pts: int, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, in) -> left cell (B, in) int64, offset t (B, in), and slope-row key p*(N-1)+cell."""
-    cell, t = _lookup_cells(x2, n_pts, lo, hi)
-    key = cell + torch.arange(x2.shape[1], device=x2.device) * (n_pts - 1)
-    return cell, t, key
-
-
-_LOOKUP_CHUNK_BYTES = 1 << 20
-
-
-class _LinearLookupFn(torch.autograd.Function):
-    """embedding_bag forward; sparse backward without the slow per-sample-weight kernel.
-
-    grad_x[b, p] = g[b] . slope[p, cell] is a sampled dense-dense product (``sampled_addmm``
-    on a CSR pattern whose rows are already sorted); grad_table is a segment sum of g over the
-    samples that hit each cell (one sort of the B*in cell keys, then two ``embedding_bag``).
-    """
-
-    @staticmethod
-    def forward(x2: Tensor, table: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
-        n_in, n_pts, n_out = table.shape
-        cell, t, _ = _lookup_flat(x2, n_pts, lo, hi)
-        local = cell + torch.arange(n_in, device=x2.device) * n_pts
-        # Inputs in groups whose table slice stays cache-resident (CPU); one group on GPU.
-        step = n_in if x2.is_cuda else max(1, _LOOKUP_CHUNK_BYTES // (n_pts * n_out * 4))
-        y = None
-        for s in range(0, n_in, step):
-            e = min(s + step, n_in)
-            base = local[:, s:e] - s * n_pts
-            ts = t[:, s:e]
-            idx = torch.stack((base, base + 1), dim=-1).reshape(x2.shape[0], 2 * (e - s))
-            w = torch.stack((1.0 - ts, ts), dim=-1).reshape(x2.shape[0], 2 * (e - s))
-            flat = table[s:e].reshape((e - s) * n_pts, n_out)
-            part = F.embedding_bag(idx, flat, per_sample_weights=w, mode="sum")
-            y = part if y is None else y.add_(part)
-        return y
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x2, table, lo, hi = inputs
-        ctx.save_for_backward(x2, table)
-        ctx.args = (lo, hi)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x2, table = ctx.saved_tensors
-        lo, hi = ctx.args
-        n_in, n_pts, n_out = table.shape
-        n_b = x2.shape[0]
-        g = g.contiguous()
-        cell, t, key = _lookup_flat(x2, n_pts, lo, hi)
-        grad_x = grad_table = None
-        if ctx.needs_input_grad[0]:
-            h = (hi - lo) / (n_pts - 1)
-            slope = ((table[:, 1:] - table[:, :-1]) / h).reshape(n_in * (n_pts - 1), n_out)
-            crow = torch.arange(0, n_b * n_in + 1, n_in, device=x2.device)
-            with warnings.catch_warnings():  # "sparse CSR is beta" is noise here
-                warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(
-                    crow,
-                    key.reshape(-1),
-                    g.new_zeros(n_b * n_in),
-                    size=(n_b, slope.shape[0]),
-                    check_invariants=False,
-                )
-            prod = torch.sparse.sampled_addmm(pattern, g, slope.t(), beta=0.0)
-            grad_x = prod.values().reshape(n_b, n_in)
-        if ctx.needs_input_grad[1]:
-            # row index of the left control point in the flattened (in*N, out) table
-            row = (cell + torch.arange(n_in, device=x2.device) * n_pts).reshape(-1)
-            order = torch.argsort(row)
-            sample = torch.div(order, n_in, rounding_mode="floor")
-            tf = t.reshape(-1)[order]
-            n_rows = n_in * n_pts
-            grad_table = None
-            for shift, weight in ((0, 1.0 - tf), (1, tf)):
-                counts = torch.bincount(row + shift, minlength=n_rows)
-                offsets = torch.cumsum(counts, 0) - counts
-                part = F.embedding_bag(sample, g, offsets, mode="sum", per_sample_weights=weight)
-                grad_table = part if grad_table is None else grad_table.add_(part)
-            grad_table = grad_table.reshape(n_in, n_pts, n_out)
-        return grad_x, grad_table, None, None
-
-
 def linear_spline_lookup(
     x: Tensor, control_points: Tensor, grid_lo: float, grid_hi: float
 ) -> Tensor:
@@ -383,9 +335,14 @@ def linear_spline_lookup(
     grid_lo, grid_hi = float(grid_lo), float(grid_hi)
     if is_exporting():
         return torch.ops.kanmoe.linear_spline_lookup(x, control_points, grid_lo, grid_hi)
-    n_in, _, n_out = control_points.shape
+    n_in, n_pts, n_out = control_points.shape
     lead = x.shape[:-1]
-    y = _LinearLookupFn.apply(x.reshape(-1, n_in), control_points, grid_lo, grid_hi)
+    x2 = x.reshape(-1, n_in)
+    with torch.no_grad():
+        cell, t = _lookup_cells(x2, n_pts, grid_lo, grid_hi)
+        weights = torch.stack((1.0 - t, t), dim=-1)
+    scale = (n_pts - 1) / (grid_hi - grid_lo)
+    y = kernels.LocalRowsFn.apply(x2, control_points, cell, weights, None, scale)
     return y.reshape(*lead, n_out)
 
 
@@ -398,10 +355,12 @@ __all__ = [
     "bspline_basis",
     "bspline_basis_grad_x",
     "bspline_basis_reference",
+    "bspline_local_layer",
     "export_mode",
     "is_exporting",
     "linear_spline_lookup",
     "linear_spline_lookup_reference",
     "rbf_basis",
     "rbf_basis_reference",
+    "use_local_bspline",
 ]
