@@ -448,8 +448,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a killed bench still stops its servers
     load_before, t0 = os.getloadavg(), time.time()
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="kanmoe-bench-serve-") as tmp:
-        res = measure(args, cfgs, Load(kind, Path(tmp)), Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kanmoe-bench-serve-") as tmp:
+            res = measure(args, cfgs, Load(kind, Path(tmp)), Path(tmp))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every server was stopped, RESULTS.md left as it was")
     load_after = os.getloadavg()
     info = {
         "cpu": results_file.machine_line().split(",")[0],
