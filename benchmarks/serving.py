@@ -13,9 +13,14 @@ at concurrency 1, 16 and 64 with one-row Open Inference Protocol v2 JSON request
   (uvicorn with uvloop + httptools);
 - raw ``session.run`` in this process, batch 1 and batch 64 (no HTTP at all).
 
+The baseline, the floor and the httpx fallback live in ``serving_peers.py``.
+
 Fairness on a small machine: ORT gets 1 intra-op thread in every server, wrk 1 thread; all
 servers stay up for the whole run and are measured interleaved (round by round, the order
-rotating each round), each warmed first; the table gives the median over rounds.
+rotating each round), each warmed first; the table gives the median over rounds, each goal
+the median of its per-round ratios. Next to throughput the table gives each server's CPU
+time per request (read from /proc for its whole process group), which moves far less than
+throughput when other jobs share the machine.
 
 Run from the repo root: ``python benchmarks/serving.py`` (``make bench-serve``); ``--quick``
 is a smoke run (1 s points, 1 round) that does not write RESULTS.md.
