@@ -105,8 +105,7 @@ class Server:
     def __init__(self, cfg: Config, logdir: Path) -> None:
         self.cfg = cfg
         self.port = free_port()
-        env = dict(os.environ, KANMOE_LOG_LEVEL="warning")
-        env.pop("KANMOE_API_TOKEN", None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KANMOE_")}  # as shipped
         if cfg.token:
             env["KANMOE_API_TOKEN"] = TOKEN
         self.log = logdir / f"{cfg.key}.log"
@@ -145,7 +144,7 @@ class Server:
     def cpu_seconds(self) -> float:
         """User + system CPU time of every live process in the server's group (workers too).
 
-        CPU time per request hardly moves when other jobs share the machine, where
+        When other jobs share the machine, CPU time per request moves much less than
         throughput does: it is the steadier view of what a request costs the server."""
         ticks = 0
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -414,7 +413,8 @@ def report(res: Results, cfgs: list[Config], args: argparse.Namespace, info: dic
         "`Authorization: Bearer`.",
         "- Baseline: FastAPI + ORT in ~20 lines (`await request.json()`, numpy, `session.run` "
         "in the async route, `JSONResponse`) on uvicorn with h11 + asyncio (what `pip install "
-        "fastapi uvicorn` runs). Floor: a bare ASGI app reading the body and sending a fixed "
+        "fastapi uvicorn` runs), access log off like kanmoe's default. Floor: a bare ASGI app "
+        "reading the body and sending a fixed "
         f"{len(FLOOR_BODY)}-byte reply on uvicorn with uvloop + httptools (kanmoe's stack).",
     ]
     if info.get("note"):
