@@ -149,6 +149,7 @@ def write_repository_entry(
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
     os.chmod(stage, _DIR_MODE)  # mkdtemp makes 0700; servers often run as another user
     trash: Path | None = None
+    published = False
     try:
         (stage / str(version)).mkdir()
         onnx.save_model(model, stage / str(version) / "model.onnx")
@@ -162,9 +163,12 @@ def write_repository_entry(
             trash = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repository))
             os.rename(target, trash / str(version))
         os.rename(stage / str(version), target)
+        published = True
         os.replace(stage / "config.pbtxt", model_dir / "config.pbtxt")
         return WrittenModel(model_dir, version)
     except BaseException:
+        if published:  # config.pbtxt failed after the new version went live: take it back
+            os.rename(target, stage / "unpublished")
         if trash is not None and (trash / str(version)).exists() and not target.exists():
             os.rename(trash / str(version), target)  # put the old version back
         raise

@@ -190,11 +190,6 @@ def test_force_rolls_back_when_publishing_the_new_version_fails(
     assert snapshot(repo) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="write_repository_entry publishes the new version before config.pbtxt; if that "
-    "last replace fails, the old version is already deleted (see the h5 report)",
-)
 def test_force_rolls_back_when_config_pbtxt_fails(
     run_dir: Path, published: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
