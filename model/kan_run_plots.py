@@ -98,10 +98,18 @@ def plot_file_name(label: str) -> str:
     return "kan_" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") + ".png"
 
 
-def write_kan_plots(run_dir: str | Path, servable: ServableModel | None = None) -> list[Path]:
-    """``plots/kan_<label>.png`` for every KAN layer of the run; returns the written paths."""
+def write_kan_plots(
+    run_dir: str | Path, servable: ServableModel | None = None, x_raw: torch.Tensor | None = None
+) -> list[Path]:
+    """``plots/kan_<label>.png`` for every KAN layer of the run; returns the written paths.
+
+    ``x_raw``: raw training inputs (N, F) when the caller has them (training does), else
+    the run's training split is loaded again.
+    """
     servable = servable if servable is not None else load_run(run_dir)
-    x_raw, _ = probe_inputs(servable)
+    if x_raw is None:
+        x_raw, _ = probe_inputs(servable)
+    x_raw = torch.as_tensor(np.asarray(x_raw), dtype=torch.float32)[:2048]
     infos = kan_layers(servable, x_raw)
     seen = capture_inputs(servable.model, [i.layer for i in infos], lambda: servable(x_raw))
     out = Path(run_dir) / "plots"

@@ -208,3 +208,23 @@ def test_symbolic_command_on_a_trained_kan_run(tmp_path: Path):
 
     bad = CliRunner().invoke(app, ["symbolic", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "run dir not found" in bad.output
+
+
+def test_two_layer_formula_composes_the_recorded_forms():
+    torch.manual_seed(3)
+    model = KAN([2, 2, 1], grid_size=5)
+    reports = model.auto_symbolic(r2_threshold=0.0)  # lock every edge to its best form
+    assert len(reports) == 6 and all(r.locked for r in reports)
+    (formula,) = model.symbolic_formula(simplify=False, digits=10)
+    x = torch.rand(64, 2, dtype=torch.float64) * 2 - 1
+    h = x
+    for layer in model.layers:  # compose the fitted torch forms directly, edge by edge
+        h = torch.stack(
+            [
+                sum(layer.symbolic_edges[(q, p)](h[:, p]) for p in range(layer.in_features))
+                for q in range(layer.out_features)
+            ],
+            dim=1,
+        )
+    f = sp.lambdify(sp.symbols("x1 x2"), formula, "numpy")
+    np.testing.assert_allclose(f(x[:, 0].numpy(), x[:, 1].numpy()), h[:, 0].numpy(), atol=1e-6)
