@@ -321,7 +321,7 @@ class KANLinear(KANEditMixin, nn.Module):
         self, in_idx: int, out_idx: int, library=None, top: int = 5, **kwargs
     ) -> list[SymbolicFit]:
         """Best ``a·f(b·x + c) + d`` forms for edge in_idx -> out_idx, ranked (see symbolic.py)."""
-        from .symbolic import suggest_symbolic
+        from .symbolic_formula import suggest_symbolic
 
         return suggest_symbolic(self, in_idx, out_idx, library, top, **kwargs)
 

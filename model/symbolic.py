@@ -13,7 +13,8 @@ output, so the coarse search is one matmul over all outputs of an input; only th
 per edge. Candidates whose inner interval leaves f's domain (log, sqrt, 1/x, tan poles) are
 rejected, so every suggested formula is finite over the whole fitted range.
 
-The formula layer (``auto_symbolic``, ``symbolic_formula``) is in ``symbolic_formula.py``.
+KAN layers (``suggest_symbolic``, ``auto_symbolic``) and formulas are in
+``symbolic_formula.py``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .layers import KANLinear
 
 SEARCHES = ("full", "shift", "scale", "none")
 _R2_EPS = 1e-6  # residual floor of the ranking score: below it, fits count as exact
@@ -280,8 +278,8 @@ def fit_function(
     of ``grid``² points over (b, c) in [-span, span]² (after mapping x onto [-1, 1]), then
     ``iterations`` zooms of ``zoom_grid``² points over one step around the best (only for
     functions whose coarse R² reaches ``zoom_min_r2``: the zoom cannot rescue the others),
-    then ``refine_steps`` damped Newton steps on 1 - R² (the grid alone stalls on the narrow
-    curved ridges that b and c often form, e.g. cosh(b·x + c)).
+    then up to ``refine_steps`` Levenberg-Marquardt steps (the grid alone stalls on the
+    narrow curved ridges that b and c often form, e.g. cosh(b·x + c)).
     A function that is constant within ``atol`` fits every form with a = 0 and R² = 1.
     """
     x = x.detach().to(torch.float64).reshape(-1)
@@ -379,64 +377,3 @@ def fit_many(
     for fits in per_edge:
         fits.sort(key=lambda f: f.score)
     return per_edge
-
-
-# ---------------------------------------------------------------------- KAN layers
-
-
-@torch.no_grad()
-def edge_samples(layer: KANLinear, x: Tensor | None = None, n_points: int = 128) -> Tensor:
-    """(n_points, in) inputs spread evenly over each input's grid, or over its range in ``x``.
-
-    Pass the activations that reach the layer as ``x`` to fit only where data lives (a
-    ReLU-fed input never goes below 0; its untrained half of the grid would spoil the fit).
-    """
-    if x is None:
-        return layer.input_domain(n_points, widen=0.0)
-    layer._check_input(x)
-    x2 = x.detach().reshape(-1, layer.in_features).to(layer.grid_scale)
-    lo, hi = x2.min(0).values, x2.max(0).values
-    steps = torch.linspace(0, 1, n_points, dtype=x2.dtype, device=x2.device)[:, None]
-    return lo + (hi - lo) * steps
-
-
-@torch.no_grad()
-def fit_layer(
-    layer: KANLinear,
-    library: LibraryLike = None,
-    x: Tensor | None = None,
-    n_points: int = 128,
-    complexity_weight: float = 0.5,
-    inputs: Sequence[int] | None = None,
-    outputs: Sequence[int] | None = None,
-    **search: Any,
-) -> dict[tuple[int, int], list[SymbolicFit]]:
-    """Ranked fits for every (out, in) edge (or the given inputs/outputs) of ``layer``."""
-    xs = edge_samples(layer, x, n_points)
-    acts = layer.edge_activations(xs).detach().cpu().double()  # (S, out, in)
-    xs = xs.detach().cpu().double()
-    ins = range(layer.in_features) if inputs is None else inputs
-    outs = list(range(layer.out_features) if outputs is None else outputs)
-    fits: dict[tuple[int, int], list[SymbolicFit]] = {}
-    for p in ins:
-        ranked = fit_many(xs[:, p], acts[:, outs, p], library, complexity_weight, **search)
-        for q, candidates in zip(outs, ranked, strict=True):
-            fits[(q, p)] = candidates
-    return fits
-
-
-def suggest_symbolic(
-    layer: KANLinear,
-    in_idx: int,
-    out_idx: int,
-    library: LibraryLike = None,
-    top: int = 5,
-    x: Tensor | None = None,
-    **kwargs: Any,
-) -> list[SymbolicFit]:
-    """The ``top`` best forms for edge (in_idx -> out_idx), best first."""
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top!r}")
-    layer._edge_index(in_idx, out_idx)  # validates both indices
-    fits = fit_layer(layer, library, x, inputs=[in_idx], outputs=[out_idx], **kwargs)
-    return fits[(out_idx, in_idx)][:top]

@@ -1,4 +1,7 @@
-"""From fitted edges to formulas: ``auto_symbolic`` locks edges, ``symbolic_formula`` composes.
+"""Symbolic KAN layers: per-edge suggestions, ``auto_symbolic`` locking, ``symbolic_formula``.
+
+``fit_layer`` samples every edge of a layer (over its grid, or over the range of data that
+reaches it) and ranks the library's forms for each (``model/symbolic.py``).
 
 ``auto_symbolic`` fits every live edge (``model/symbolic.py``), and where the best form
 reaches the R² threshold it locks the edge to that form with the layer's own
@@ -20,10 +23,68 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .symbolic import LibraryLike, SymbolicFit, fit_layer
+from .symbolic import LibraryLike, SymbolicFit, fit_many
 
 if TYPE_CHECKING:
     from .layers import KAN, KANLinear
+
+
+@torch.no_grad()
+def edge_samples(layer: KANLinear, x: Tensor | None = None, n_points: int = 128) -> Tensor:
+    """(n_points, in) inputs spread evenly over each input's grid, or over its range in ``x``.
+
+    Pass the activations that reach the layer as ``x`` to fit only where data lives (a
+    ReLU-fed input never goes below 0; its untrained half of the grid would spoil the fit).
+    """
+    if x is None:
+        return layer.input_domain(n_points, widen=0.0)
+    layer._check_input(x)
+    x2 = x.detach().reshape(-1, layer.in_features).to(layer.grid_scale)
+    lo, hi = x2.min(0).values, x2.max(0).values
+    steps = torch.linspace(0, 1, n_points, dtype=x2.dtype, device=x2.device)[:, None]
+    return lo + (hi - lo) * steps
+
+
+@torch.no_grad()
+def fit_layer(
+    layer: KANLinear,
+    library: LibraryLike = None,
+    x: Tensor | None = None,
+    n_points: int = 128,
+    complexity_weight: float = 0.5,
+    inputs: Sequence[int] | None = None,
+    outputs: Sequence[int] | None = None,
+    **search: Any,
+) -> dict[tuple[int, int], list[SymbolicFit]]:
+    """Ranked fits for every (out, in) edge (or the given inputs/outputs) of ``layer``."""
+    xs = edge_samples(layer, x, n_points)
+    acts = layer.edge_activations(xs).detach().cpu().double()  # (S, out, in)
+    xs = xs.detach().cpu().double()
+    ins = range(layer.in_features) if inputs is None else inputs
+    outs = list(range(layer.out_features) if outputs is None else outputs)
+    fits: dict[tuple[int, int], list[SymbolicFit]] = {}
+    for p in ins:
+        ranked = fit_many(xs[:, p], acts[:, outs, p], library, complexity_weight, **search)
+        for q, candidates in zip(outs, ranked, strict=True):
+            fits[(q, p)] = candidates
+    return fits
+
+
+def suggest_symbolic(
+    layer: KANLinear,
+    in_idx: int,
+    out_idx: int,
+    library: LibraryLike = None,
+    top: int = 5,
+    x: Tensor | None = None,
+    **kwargs: Any,
+) -> list[SymbolicFit]:
+    """The ``top`` best forms for edge (in_idx -> out_idx), best first."""
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top!r}")
+    layer._edge_index(in_idx, out_idx)  # validates both indices
+    fits = fit_layer(layer, library, x, inputs=[in_idx], outputs=[out_idx], **kwargs)
+    return fits[(out_idx, in_idx)][:top]
 
 
 @dataclass
