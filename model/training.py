@@ -360,6 +360,8 @@ def train_run(
     from kanmoe.model.run import atomic_write_text, save_weights, servable_from_prep
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} exists and is not a directory")
     ckpt = out / CHECKPOINT
     if resume and not ckpt.is_file():
         raise RunDirError(f"--resume: no {CHECKPOINT} in {out} (nothing to resume)")

@@ -273,3 +273,14 @@ def test_broken_predict_input_is_one_line(
     out = tmp_path / "out.csv"
     assert_one_line_error(invoke("predict", runs["a"], "-i", src, "-o", out), "--input", needle)
     assert not out.exists()
+
+
+def test_paths_the_machine_refuses_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    """--out that is a file, an output under a file: OSError-type problems, one line each."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_tiny_raw(runs["data"], [4])))
+    assert_one_line_error(invoke("train", "-c", cfg, "-o", a_file), "a_file", "not a directory")
+    out = a_file / "pred.csv"
+    assert_one_line_error(invoke("predict", runs["a"], "-i", runs["data"], "-o", out), "a_file")

@@ -18,17 +18,19 @@ R = TypeVar("R")
 
 
 def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn kanmoe's own errors (and ValueError/FileNotFoundError) into one line and exit 2.
+    """Turn kanmoe's own errors (and ValueError/OSError) into one line and exit 2.
 
-    Messages that span lines (a parity table, a library's multi-line text) are joined with
-    "; " so that scripts reading stderr always get exactly one line.
+    OSError covers what the user's machine refuses (a path that is a file, a full disk, no
+    permission): things to fix outside kanmoe, not bugs worth a traceback. Messages that span
+    lines (a parity table, a library's multi-line text) are joined with "; " so that scripts
+    reading stderr always get exactly one line.
     """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
-        except (KanmoeError, ValueError, FileNotFoundError) as exc:
+        except (KanmoeError, ValueError, OSError) as exc:
             typer.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(2)
 
