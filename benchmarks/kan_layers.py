@@ -136,6 +136,15 @@ def _pykan_skip(batch: int, n: int, args: argparse.Namespace) -> str | None:
     return None
 
 
+def sweep_name(basis: str, size: int) -> str:
+    """Row name of one resolution-sweep layer (``linear``: control points, else grid size)."""
+    return (
+        f"sweep: kanmoe linear, {size} control points"
+        if basis == "linear"
+        else (f"sweep: kanmoe bspline, grid {size}")
+    )
+
+
 def _wanted(name: str, args: argparse.Namespace) -> bool:
     """--only keeps rows whose name contains one of the given substrings (and the baseline)."""
     return not args.only or name == BASELINE or any(o.lower() in name.lower() for o in args.only)
@@ -159,6 +168,18 @@ def build_impls(n: int, batch: int, args: argparse.Namespace) -> list[Impl]:
             factories.append((f"kanmoe {b}", lambda b=b: KANLinear(n, n, basis=b), False))
             name = f"kanmoe {b} (torch.compile)"
             factories.append((name, lambda b=b: KANLinear(n, n, basis=b), True))
+        for pts in args.sweep_points:
+            factories.append(
+                (
+                    sweep_name("linear", pts),
+                    lambda pts=pts: KANLinear(n, n, basis="linear", num_control_points=pts),
+                    False,
+                )
+            )
+        for grid in args.sweep_grids:
+            factories.append(
+                (sweep_name("bspline", grid), lambda g=grid: KANLinear(n, n, grid_size=g), False)
+            )
     skip = _pykan_skip(batch, n, args)
     if skip:
         impls.append(Impl("pykan KANLayer", note=skip))
@@ -279,6 +300,8 @@ def render(results: dict[int, list[Impl]]) -> str:
     for batch, impls in results.items():
         base = next((i for i in impls if i.name == BASELINE and i.fb), None)
         for imp in impls:
+            if imp.name.startswith("sweep: "):
+                continue
             if not imp.fb:
                 lines.append(f"| {imp.name} | {batch} | — | — | — | — | {imp.note} |")
                 continue
@@ -300,33 +323,73 @@ def _fb(results: dict[int, list[Impl]], batch: int, name: str) -> float | None:
     return median_ms(imp.fb) if imp else None
 
 
-def target_checks(results: dict[int, list[Impl]]) -> list[str]:
-    """The issue's three targets, each as 'met' / 'not met' / 'not measured' with its numbers."""
+def render_sweep(results: dict[int, list[Impl]], args: argparse.Namespace) -> str:
+    """Resolution sweep: each row's median times and its ratio to the coarsest of its basis."""
+    lines = [
+        "| layer | batch | fwd ms, median (p10–p90) | fwd+bwd ms, median (p10–p90) "
+        "| fwd ÷ coarsest | fwd+bwd ÷ coarsest | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for batch, impls in results.items():
+        by_name = {i.name: i for i in impls}
+        for basis, sizes in (("linear", args.sweep_points), ("bspline", args.sweep_grids)):
+            first = by_name.get(sweep_name(basis, sizes[0])) if sizes else None
+            for size in sizes:
+                imp = by_name.get(sweep_name(basis, size))
+                if imp is None:
+                    continue
+                label = imp.name.removeprefix("sweep: ")
+                if not imp.fb:
+                    lines.append(f"| {label} | {batch} | — | — | — | — | {imp.note} |")
+                    continue
+                cells = [
+                    f"{median_ms(v):.2f} ({1e3 * _q(v, 0.1):.2f}–{1e3 * _q(v, 0.9):.2f})"
+                    for v in (imp.fwd, imp.fb)
+                ]
+                if first is not None and first.fb:
+                    ratios = [
+                        f"{median_ms(imp.fwd) / median_ms(first.fwd):.2f}×",
+                        f"{median_ms(imp.fb) / median_ms(first.fb):.2f}×",
+                    ]
+                else:
+                    ratios = ["—", "—"]
+                row = [label, str(batch), *cells, *ratios, imp.note]
+                lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _ratio_goal(
+    results: dict[int, list[Impl]], num: str, den: str, limit: float
+) -> tuple[list[bool], list[str]]:
+    """Per batch: fwd+bwd(num) / fwd+bwd(den) <= limit, with the measured ratio."""
+    flags, parts = [], []
+    for b in results:
+        a, c = _fb(results, b, num), _fb(results, b, den)
+        if a and c:
+            flags.append(a / c <= limit)
+            parts.append(f"batch {b}: {a / c:.2f}×")
+    return flags, parts
+
+
+def target_checks(results: dict[int, list[Impl]], args: argparse.Namespace) -> list[str]:
+    """The issues' targets, each as 'met' / 'not met' / 'not measured' with its numbers."""
 
     def verdict(flags: list[bool]) -> str:
         return "not measured" if not flags else ("**met**" if all(flags) else "**not met**")
 
-    out = []
-    flags, parts = [], []
-    for b in results:
-        ours, base = _fb(results, b, "kanmoe bspline"), _fb(results, b, BASELINE)
-        if ours and base:
-            flags.append(ours / base <= 0.7)
-            parts.append(f"batch {b}: {ours / base:.2f}×")
-    out.append(
-        f"1. kanmoe bspline fwd+bwd ≤ 0.7× baseline: {verdict(flags)} ({', '.join(parts) or '—'})"
-    )
+    def line(text: str, flags: list[bool], parts: list[str]) -> str:
+        return f"{text}: {verdict(flags)} ({', '.join(parts) or '—'})"
 
-    big = 4096 if 4096 in results else max(results)
-    bs, lin = _fb(results, big, "kanmoe bspline"), _fb(results, big, "kanmoe linear")
-    flags = [bs / lin >= 5.0] if bs and lin else []
-    speed = "—"
-    if flags:
-        speed = f"{bs / lin:.1f}× faster" if bs >= lin else f"{lin / bs:.1f}× slower"
-    out.append(
-        f"2. kanmoe linear fwd+bwd ≥ 5× faster than kanmoe bspline at batch {big}: "
-        f"{verdict(flags)} ({speed})"
-    )
+    out = [
+        line(
+            "1. kanmoe bspline fwd+bwd ≤ 0.7× baseline",
+            *_ratio_goal(results, "kanmoe bspline", BASELINE, 0.7),
+        ),
+        line(
+            "2. kanmoe linear (32 control points) fwd+bwd ≤ 0.6× kanmoe bspline (grid 5)",
+            *_ratio_goal(results, "kanmoe linear", "kanmoe bspline", 0.6),
+        ),
+    ]
 
     flags, parts = [], []
     for b, impls in results.items():
@@ -339,10 +402,28 @@ def target_checks(results: dict[int, list[Impl]]) -> list[str]:
                 f"= {lin / min(kd):.2f}×"
             )
     out.append(
-        f"3. kanmoe linear fwd+bwd no slower than kanditioned (5 % noise allowance): "
-        f"{verdict(flags)} "
-        f"({'; '.join(parts) or '—'})"
+        "3. kanmoe linear fwd+bwd no slower than kanditioned (5 % noise allowance): "
+        f"{verdict(flags)} ({'; '.join(parts) or '—'})"
     )
+
+    pts, grids = args.sweep_points, args.sweep_grids
+    if 16 in pts and 256 in pts:
+        flags, parts = _ratio_goal(
+            results, sweep_name("linear", 256), sweep_name("linear", 16), 1.5
+        )
+        if 1024 in pts:
+            _, big = _ratio_goal(results, sweep_name("linear", 1024), sweep_name("linear", 16), 0)
+            parts = [
+                f"{p}; 1024 points {q.split(': ')[1]}" for p, q in zip(parts, big, strict=True)
+            ]
+        out.append(line("4. linear fwd+bwd at 256 control points ≤ 1.5× at 16", flags, parts))
+    if 5 in grids and 64 in grids:
+        out.append(
+            line(
+                "5. bspline fwd+bwd at grid 64 ≤ 2× at grid 5",
+                *_ratio_goal(results, sweep_name("bspline", 64), sweep_name("bspline", 5), 2.0),
+            )
+        )
     return out
 
 
@@ -379,6 +460,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="time torch.compile rows",
     )
+    p.add_argument(
+        "--sweep-points",
+        type=int,
+        nargs="*",
+        default=[16, 64, 256, 1024],
+        help="linear-lookup control points of the resolution sweep (none: no sweep)",
+    )
+    p.add_argument(
+        "--sweep-grids",
+        type=int,
+        nargs="*",
+        default=[5, 16, 64],
+        help="B-spline grid sizes of the resolution sweep (none: no sweep)",
+    )
     p.add_argument("--note", default="", help="free text for RESULTS.md (e.g. machine shared)")
     p.add_argument("--only", nargs="+", default=(), help="row name substrings to keep")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (implies --no-write)")
@@ -390,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batches, --features, --repeats, --warmup and --threads must be positive")
     if args.quick:
         args.batches, args.features, args.repeats, args.warmup = [64], 32, 5, 2
+        args.sweep_points, args.sweep_grids = args.sweep_points[:2], args.sweep_grids[:2]
         args.no_write = True
         args.compile = False if args.compile is None else args.compile
     args.compile = True if args.compile is None else args.compile
@@ -435,8 +531,19 @@ def main(argv: list[str] | None = None) -> int:
         "during warm-up. Inputs uniform in (-0.99, 0.99).",
         "",
     ]
-    checks = target_checks(results)
-    body = "\n".join([*header, render(results), "", "### Targets", "", *checks])
+    checks = target_checks(results, args)
+    sweep = []
+    if args.sweep_points or args.sweep_grids:
+        sweep = [
+            "",
+            "### Resolution sweep",
+            "",
+            "Same rounds as above; ratios against the coarsest layer of the same basis (a "
+            "flat column is what 'resolution for free' means).",
+            "",
+            render_sweep(results, args),
+        ]
+    body = "\n".join([*header, render(results), *sweep, "", "### Targets", "", *checks])
     print(body)
     if args.no_write:
         print("\n(not written: --no-write/--quick)", file=sys.stderr)

@@ -104,7 +104,7 @@ def segment_sums(
     crow = rows.crow
     total = crow.numel() - 1
     if merged is None:
-        merged = total * g.shape[1] > 16 * n
+        merged = total * g.shape[1] > 64 * n
     if not merged or n_s == 1:
         out = None
         for s in range(n_s):
