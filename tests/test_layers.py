@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kanmoe.model import KAN, KANLinear
-from kanmoe.model.splines import export_mode
+from kanmoe.model.splines import export_mode, use_local_bspline
 
 BASES = ("bspline", "rbf", "linear")
 
@@ -121,6 +121,21 @@ def test_layer_gradcheck_input_and_parameters(basis):
     assert torch.autograd.gradcheck(fn, (x, *params))
     with export_mode():  # the custom-op autograd formulas as well
         assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_layer_gradcheck_local_bspline_path():
+    # grid 30 (33 bases per edge) takes the K+1-pieces path; its formulas must be exact too
+    torch.manual_seed(3)
+    layer = KANLinear(3, 2, grid_size=30).double()
+    assert use_local_bspline(30, 3)
+    x = (torch.rand(5, 3, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)
+    params = tuple(layer.parameters())
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(xv, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (xv,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
 
 
 @pytest.mark.parametrize("basis", BASES)
