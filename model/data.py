@@ -130,7 +130,7 @@ def numeric_columns(df: pd.DataFrame, columns: list[str], what: str) -> np.ndarr
     if missing:
         raise DataError(f"{what}: column(s) {missing} not in the CSV (has {list(df.columns)})")
     for c in columns:
-        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+        if not pd.api.types.is_numeric_dtype(df[c]):  # bool counts: True/False read as 1/0
             col = df[c]
             text = pd.to_numeric(col, errors="coerce").isna() & col.notna()
             row = int(np.flatnonzero(text.to_numpy())[0]) if text.any() else 0
