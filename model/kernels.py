@@ -7,8 +7,9 @@ y[b] = sum_p sum_s w[b,p,s] table[p, base[b,p] + s]. The linear lookup has S = 2
 whatever R is: that is what makes ``num_control_points`` and ``grid_size`` free.
 
 - forward: ``embedding_bag`` with per-sample weights over inputs in cache-sized groups;
-- backward, table: one stable int32 sort of the row keys, then segment sums of the output
-  gradient by ``embedding_bag`` with offsets (one merged call over all S shifts);
+- backward, table: one stable sort of the row keys (int16 where they fit), then segment sums
+  of the output gradient by ``embedding_bag`` with offsets (one call per shift s, or one
+  merged call when the table is much larger than the batch);
 - backward, x: sampled dot products g[b] . rows[key] (``sparse.sampled_addmm`` on a CSR
   pattern in sorted-key order, so the table is read sequentially).
 """
@@ -25,7 +26,7 @@ from torch import Tensor
 
 FORWARD_GROUP_BYTES = 1 << 20  # table bytes per embedding_bag call in the CPU forward
 FORWARD_MAX_GROUPS = 16
-_INT16_KEYS = 32767
+_INT16_KEYS = 32767  # keys sorted as int16 up to this (torch sorts int16 fastest on CPU)
 SLOPE_GROUP_BYTES = 1 << 22  # slope rows built per sampled_addmm call in the lookup backward
 
 
@@ -171,7 +172,9 @@ def slope_dots(rows: SortedRows, table: Tensor, g: Tensor) -> Tensor:
         crow_g = torch.cat((local.reshape(-1), crow[e * n_rows : e * n_rows + 1])) - lo
         sub = SortedRows(rows.order, rows.sample[lo:hi], rows.row, crow_g)
         parts.append(sampled_dots(sub, slope, g))
-    return torch.cat(parts) if len(parts) != 1 else parts[0]
+    if not parts:  # an empty batch
+        return g.new_zeros(0)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def unsort(rows: SortedRows, values: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -169,3 +169,14 @@ def test_layer_local_path_equals_dense_path(monkeypatch, with_grad):
         torch.testing.assert_close(a, b)
     with export_mode():  # the custom op (dense) gives the same layer output
         torch.testing.assert_close(layer(x), local[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"basis": "linear"}, {"grid_size": 40}])
+def test_empty_batch_forward_and_backward(kwargs):
+    layer = KANLinear(3, 2, **kwargs)
+    x = torch.zeros(0, 3, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 2)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3)
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
