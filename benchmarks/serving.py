@@ -434,9 +434,9 @@ def wrk_version() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=5, help="seconds per measured point")
+    ap.add_argument("--seconds", type=int, default=4, help="seconds per measured point")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds per server")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     ap.add_argument("--only", nargs="+", help="config keys to run (default: all)")
     ap.add_argument("--load", choices=("auto", "wrk", "httpx"), default="auto")
