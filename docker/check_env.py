@@ -56,7 +56,7 @@ def problems(ort: str, provider: str | None) -> list[str]:
         found.append(f"the service does not import: {exc}")
     if "torch" in sys.modules:
         found.append("importing the service imported torch")
-    if provider is not None and not found:
+    if provider is not None and owners:
         import onnxruntime
 
         available = onnxruntime.get_available_providers()
