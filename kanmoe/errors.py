@@ -30,8 +30,11 @@ class RunDirError(KanmoeError, FileNotFoundError):
 
 def one_line(text: object) -> str:
     """Collapse a (possibly multi-line) message into one line: the CLI promises one line."""
-    parts = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return "; ".join(parts)
+    out = ""
+    for line in (line.strip() for line in str(text).splitlines()):
+        if line:
+            out += (" " if not out or out.endswith(":") else "; ") + line
+    return out.strip()
 
 
 def first_line(exc: BaseException) -> str:
