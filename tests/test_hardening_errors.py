@@ -63,7 +63,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, table: pd.DataFrame) -> dict[
     table.to_csv(root / "data.csv", index=False)
     out = {"data": root / "data.csv"}
     for name, hidden in (("a", [8]), ("b", [5])):
-        train_run(validate_config(_tiny_raw(root / "data.csv", hidden)), root / name)
+        train_run(
+            validate_config(_tiny_raw(root / "data.csv", hidden)), root / name, write_plots=False
+        )
         out[name] = root / name
     return out
 
