@@ -19,6 +19,8 @@ import yaml
 from kanmoe.model.config import validate_config
 from kanmoe.model.training import train_run
 
+pytestmark = pytest.mark.slow
+
 
 def invoke(*args: str):
     from typer.testing import CliRunner
