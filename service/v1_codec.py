@@ -7,6 +7,7 @@ or named features each holding ``seq_len`` values. Values are raw, in training u
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,18 @@ def numeric_array(data: Any, where: str) -> np.ndarray:
         if arr.dtype.kind == "b":
             raise bad_request(f"{where}: booleans are not numbers")
         raise bad_request(f"{where}: every value must be a number")
+    if _holds_bool(data, arr.ndim):  # numpy reads true as 1 beside numbers: refuse it too
+        raise bad_request(f"{where}: booleans are not numbers")
     with np.errstate(over="ignore"):
         return arr.astype(np.float32)
+
+
+def _holds_bool(data: Any, ndim: int) -> bool:
+    """Whether the rectangular nested list ``data`` (``ndim`` deep) holds a JSON boolean."""
+    flat: Any = [data] if ndim == 0 else data
+    for _ in range(ndim - 1):
+        flat = chain.from_iterable(flat)
+    return bool in set(map(type, flat))
 
 
 def check_finite(x: np.ndarray, spec: ModelSpec, where: str) -> None:
