@@ -28,6 +28,7 @@ is a smoke run (1 s points, 1 round) that does not write RESULTS.md.
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -463,7 +464,7 @@ def main() -> None:
         "cpu": results_file.machine_line().split(",")[0],
         "nproc": os.cpu_count(),
         "versions": versions(),
-        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/serving.py", *sys.argv[1:]]),
         "start": start,
         "took": time.time() - t0,
         "load_before": " / ".join(f"{v:.2f}" for v in load_before),
