@@ -19,7 +19,7 @@ from .layers import KAN
 from .run import ServableModel, atomic_write_text, load_run
 from .run_inspect import KANLayerInfo, capture_inputs, kan_layers, probe_inputs
 from .symbolic import LibraryLike
-from .symbolic_formula import EdgeReport, auto_symbolic_layer, symbolic_formula
+from .symbolic_formula import EdgeReport, auto_symbolic_layer, round_floats, symbolic_formula
 
 SYMBOLIC_FILE = "symbolic.json"
 
@@ -56,10 +56,22 @@ def _formulas(
         except ValueError as exc:
             out.append({"module": path or "kan", "formula": None, "why_not": str(exc)})
             continue
-        entry: dict[str, Any] = {"module": path or "kan", "formula": [str(e) for e in exprs]}
-        if module is servable.model and first is not None and first.named_inputs:
-            from .symbolic_formula import round_floats
+        named = first is not None and first.named_inputs and first.input_scale is not None
+        if named and any(abs(w - 1.0) > 1e-6 for w in first.input_scale):
+            import sympy as sp
 
+            # the stack reads w ⊙ z (an MoE input transform): state it in z itself
+            subs = {
+                sp.Symbol(n): w * sp.Symbol(n)
+                for n, w in zip(names, first.input_scale, strict=True)
+            }
+            exprs = [round_floats(sp.expand(e.xreplace(subs)), digits) for e in exprs]
+        entry: dict[str, Any] = {
+            "module": path or "kan",
+            "inputs": "standardised features" if named else "hidden units",
+            "formula": [str(e) for e in exprs],
+        }
+        if module is servable.model and named:
             raw = _raw_formula(servable, exprs, names)
             if raw:
                 entry["raw_units"] = {

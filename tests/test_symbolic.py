@@ -228,3 +228,44 @@ def test_two_layer_formula_composes_the_recorded_forms():
         )
     f = sp.lambdify(sp.symbols("x1 x2"), formula, "numpy")
     np.testing.assert_allclose(f(x[:, 0].numpy(), x[:, 1].numpy()), h[:, 0].numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_symbolic_report_gives_each_kan_expert_a_formula_in_its_features(tmp_path: Path):
+    from kanmoe.model.config import validate_config
+    from kanmoe.model.symbolic_run import symbolic_report
+    from kanmoe.model.training import train_run
+
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"p": rng.uniform(-1, 1, 600), "q": rng.uniform(-1, 1, 600)})
+    df["y"] = df.p - 0.5 * df.q
+    df.to_csv(tmp_path / "data.csv", index=False)
+    raw = {
+        "name": "moe",
+        "data": {"kind": "tabular", "path": str(tmp_path / "data.csv"), "target": "y"},
+        "model": {
+            "kind": "kamoe",
+            "expert": "kan",
+            "hidden": [],
+            "n_experts": 3,
+            "gate_hidden": 4,
+            "grid_size": 4,
+        },
+        "train": {"epochs": 2, "batch_size": 64, "threads": 1, "progress": False},
+    }
+    train_run(validate_config(raw), tmp_path / "run", write_plots=False)
+    library = ["0", "x", "x^2", "sin"]  # a short library keeps the test fast
+    report = symbolic_report(tmp_path / "run", r2_threshold=0.0, library=library, write=False)
+    labels = [layer["label"] for layer in report["layers"]]
+    assert labels[:3] == [
+        "moe.expert_0.layers.0",
+        "moe.expert_1.layers.0",
+        "moe.expert_2.layers.0",
+    ]
+    assert all(layer["inputs"] == ["p", "q"] for layer in report["layers"][:3])
+    experts = [f for f in report["formulas"] if ".experts." in f["module"]]
+    assert len(experts) == 3
+    for f in experts:
+        assert f["inputs"] == "standardised features" and "raw_units" not in f
+        (expr,) = f["formula"]
+        assert sp.sympify(expr).free_symbols <= {sp.Symbol("p"), sp.Symbol("q")}
