@@ -270,9 +270,14 @@ def test_prometheus_scrapes_the_service_and_every_query_works(
     assert [float(s["value"][1]) for s in per_layer] == pytest.approx([1.0], abs=1e-9)
 
     # Out-of-range rows were counted per feature and side, and the ratio rule sees them.
+    # (Waited for: an evaluation from before the last scrape sees only part of the traffic.)
     ratio = 'kanmoe:input_out_of_range:ratio_rate5m{feature="MedInc", side="above"}'
-    got = prom.wait_for("the out-of-range ratio", lambda: prom.query(f"{ratio} > 0"))
-    assert float(got[0]["value"][1]) == pytest.approx(12 / rows, rel=1e-6)
+    prom.wait_for(
+        f"the out-of-range ratio {12 / rows}",
+        lambda: [s for s in prom.query(ratio) if abs(float(s["value"][1]) - 12 / rows) < 1e-9],
+    )
+    below = 'kanmoe:input_out_of_range:ratio_rate5m{feature="HouseAge", side="below"}'
+    assert float(prom.query(below)[0]["value"][1]) == pytest.approx(3 / rows, rel=1e-9)
 
     rules, recorded = rule_expressions()
     scraped = set(httpx.get(f"{prom.url}/api/v1/label/__name__/values", timeout=10).json()["data"])
