@@ -11,7 +11,9 @@ at concurrency 1, 16 and 64 with one-row Open Inference Protocol v2 JSON request
   what ``pip install fastapi uvicorn`` gives (no uvloop/httptools);
 - the HTTP floor: a bare ASGI app returning a fixed body on the stack ``kanmoe serve`` uses
   (uvicorn with uvloop + httptools);
-- raw ``session.run`` in this process, batch 1 and batch 64 (no HTTP at all).
+- raw ``session.run`` in this process, batch 1 and batch 64 (no HTTP at all);
+- Triton Inference Server, when its venv exists (``triton_peer.py``; its own sweep to
+  concurrency 256 with plots: ``triton_peer.py bench``, ``make bench-triton``).
 
 The baseline, the floor and the httpx fallback live in ``serving_peers.py``.
 
@@ -44,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_file  # sibling modules: the script runs as a file, not as a package
 from serving_peers import BODY, FLOOR_BODY, INFER_PATH, MODEL_FILE, ROOT, ROW, TOKEN
+from triton_peer import READY_PATH, TRITON_LABEL, triton_python
 
 CONCURRENCY = (1, 16, 64)
 HTTPX_NOTE = (
@@ -51,6 +54,7 @@ HTTPX_NOTE = (
     "do, so ratios to the floor are understated"
 )
 PEERS = Path(__file__).resolve().with_name("serving_peers.py")
+TRITON_PEER = Path(__file__).resolve().with_name("triton_peer.py")
 
 
 # -- server processes ---------------------------------------------------------------------------
@@ -60,6 +64,8 @@ class Config:
     label: str
     args: list[str]  # after the executable; "{port}" is filled in
     token: bool = False
+    ready_path: str = "/v2/health/ready"  # Triton: the model's own ready route
+    ready_timeout_s: float = 90.0
 
 
 def configs() -> list[Config]:
@@ -77,6 +83,9 @@ def configs() -> list[Config]:
         "1",
     ]
     me = [sys.executable, str(PEERS)]
+    triton = triton_python()  # Triton joins when its venv exists (triton_peer.py setup)
+    extra = [Config("triton", TRITON_LABEL, [triton, str(TRITON_PEER), "serve", "{port}"],
+                    ready_path=READY_PATH, ready_timeout_s=300.0)] if triton else []  # fmt: skip
     return [
         Config("kanmoe", "kanmoe serve (as shipped, no token)", base),
         Config("kanmoe_auth", "kanmoe serve + KANMOE_API_TOKEN", base, token=True),
@@ -91,6 +100,7 @@ def configs() -> list[Config]:
         Config(
             "floor", "bare ASGI fixed body (uvicorn uvloop/httptools)", [*me, "floor", "{port}"]
         ),
+        *extra,
     ]
 
 
@@ -122,7 +132,8 @@ class Server:
             )
         self.url = f"http://127.0.0.1:{self.port}{INFER_PATH}"
 
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or self.cfg.ready_timeout_s
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -130,7 +141,7 @@ class Server:
                 raise RuntimeError(f"{self.cfg.key} exited ({self.proc.returncode}):\n{tail}")
             try:
                 with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=2
+                    f"http://127.0.0.1:{self.port}{self.cfg.ready_path}", timeout=2
                 ) as r:
                     if r.status == 200:
                         return
