@@ -31,6 +31,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/kanmoe/bin:$PATH
 COPY --from=wheel /dist/ /tmp/dist/
 COPY docker/check_env.py docker/healthcheck.py /opt/kanmoe-tools/
+# The venv belongs to root; the server runs as uid/gid 10001 (a numeric USER, so that
+# Kubernetes' runAsNonRoot can verify it) and only reads the venv and /models.
 RUN python -m venv /opt/kanmoe \
     && wheel="$(find /tmp/dist -name 'kanmoe-*.whl')" \
     && /opt/kanmoe/bin/pip install --no-cache-dir "${wheel}[serve]" \
@@ -69,6 +71,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /dist/ /tmp/dist/
 COPY docker/check_env.py docker/healthcheck.py /opt/kanmoe-tools/
+# Same layout as the cpu target: root-owned venv, server as uid/gid 10001.
 RUN python3 -m venv /opt/kanmoe \
     && wheel="$(find /tmp/dist -name 'kanmoe-*.whl')" \
     && /opt/kanmoe/bin/pip install --no-cache-dir "${wheel}[gpu]" \
