@@ -400,11 +400,14 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         failed = [v for v in versions if not v.ready]
         if not any(v.ready for v in versions):
             raise ServiceError(400, "; ".join(f"version {v.version}: {v.reason}" for v in failed))
+        errors = {v.version: v.reason for v in failed}
+        # A serving version whose file could not be re-read keeps serving; say why anyway.
+        errors.update({v.version: v.extra["reload_error"] for v in versions if v.reload_failed})
         return {
             "name": name,
             "load": True,
             "versions": {v.version: v.state for v in versions},
-            "errors": {v.version: v.reason for v in failed},
+            "errors": errors,
         }
 
     @app.post("/v2/repository/models/{name}/unload", tags=["repository"], responses=ERRORS)

@@ -56,6 +56,11 @@ class LoadedVersion:
     def ready(self) -> bool:
         return self.state == READY
 
+    @property
+    def reload_failed(self) -> bool:
+        """Serving, but the last reload could not read its files (they changed on disk)."""
+        return self.ready and "reload_error" in self.extra
+
     def entry(self) -> dict[str, str]:
         return {
             "name": self.name,
@@ -175,6 +180,7 @@ class ModelStore:
             for version, path in sorted(dirs.items(), key=lambda kv: int(kv[0])):
                 old = current.get(version)
                 if old is not None and old.ready and old.stamp == _stamp(path / MODEL_FILE_NAME):
+                    old.extra.pop("reload_error", None)  # the file it was loaded from is back
                     continue
                 fresh = await asyncio.to_thread(self._open, name, version, path)
                 if fresh.ready:
