@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from kanmoe.errors import ExportError
@@ -179,20 +180,22 @@ def write_repository_entry(
 
 
 def _real_inputs(servable: Any, rows: int = 256):
-    """Up to ``rows`` real feature rows for tabular models whose features are in the shipped CSV."""
-    if servable.is_sequence:
+    """Up to ``rows`` test-split rows (or windows) of the run's own data, for ``--check``;
+    None when the data cannot be rebuilt (the check then uses random inputs only)."""
+    try:
+        from kanmoe.errors import KanmoeError
+        from kanmoe.model.config import validate_config
+        from kanmoe.model.data import load_dataset
+    except ImportError:
         return None
     try:
-        import pandas as pd
-
-        from kanmoe.paths import CALIFORNIA_HOUSING_CSV
-
-        frame = pd.read_csv(CALIFORNIA_HOUSING_CSV, nrows=rows)
-    except (ImportError, OSError):
+        data = load_dataset(validate_config(servable.config).data)
+    except (KanmoeError, OSError, ValueError):
         return None
-    if not set(servable.feature_names) <= set(frame.columns):
+    x = data.x.get("test")
+    if x is None or not len(x):
         return None
-    return frame[list(servable.feature_names)].to_numpy(dtype="float32")
+    return np.ascontiguousarray(x[:rows], dtype=np.float32)
 
 
 @dataclass(frozen=True)
