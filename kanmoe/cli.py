@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app). A module that does not exist yet is simply absent.
-_COMMAND_MODULES = ("train", "export", "serve")
+_COMMAND_MODULES = ("train", "export", "serve", "symbolic", "explain")
 
 
 @app.command()

@@ -99,10 +99,9 @@ def test_kamoe_experts_and_model_rank_the_two_used_inputs_first():
 
 @pytest.mark.slow
 def test_explain_command_writes_json_and_plot(tmp_path: Path):
-    import typer
     from typer.testing import CliRunner
 
-    from kanmoe.commands import explain
+    from kanmoe.cli import app
     from kanmoe.model.config import validate_config
     from kanmoe.model.training import train_run
 
@@ -128,9 +127,6 @@ def test_explain_command_writes_json_and_plot(tmp_path: Path):
     _, metrics = train_run(validate_config(raw), tmp_path / "run", write_plots=False)
     assert metrics["test"]["r2"] > 0.9
 
-    app = typer.Typer()
-    explain.register(app)
-    app.command("noop")(lambda: None)
     result = CliRunner().invoke(app, ["explain", str(tmp_path / "run"), "--rows", "512"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "importance.json").read_text())

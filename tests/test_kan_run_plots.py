@@ -44,13 +44,9 @@ def test_smoothness_is_zero_for_lines_and_positive_for_zigzag(basis):
 
 
 @pytest.mark.slow
-def test_plot_command_draws_every_expert_layer_in_raw_units(tmp_path: Path):
-    import typer
-    from typer.testing import CliRunner
-
-    from kanmoe.commands import plot
+def test_every_expert_and_gate_kan_layer_is_plotted_in_raw_units(tmp_path: Path):
     from kanmoe.model.config import validate_config
-    from kanmoe.model.kan_run_plots import _raw_axis
+    from kanmoe.model.kan_run_plots import _raw_axis, write_kan_plots
     from kanmoe.model.run import load_run
     from kanmoe.model.run_inspect import kan_layers, probe_inputs
     from kanmoe.model.training import train_run
@@ -97,11 +93,13 @@ def test_plot_command_draws_every_expert_layer_in_raw_units(tmp_path: Path):
     h = z * first.input_scale[0]
     np.testing.assert_allclose((offset + factor * h).numpy(), x_raw[:, 0].numpy(), rtol=1e-4)
 
-    app = typer.Typer()
-    plot.register(app)
-    app.command("noop")(lambda: None)
-    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])
-    assert result.exit_code == 0, result.output
-    for label in ("moe_expert_0_0", "moe_expert_1_0", "moe_expert_2_0", "moe_gate_layer1"):
-        png = (tmp_path / "run" / "plots" / f"kan_{label}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    written = write_kan_plots(tmp_path / "run", servable)
+    assert [p.name for p in written] == [
+        "kan_moe_expert_0_0.png",
+        "kan_moe_expert_1_0.png",
+        "kan_moe_expert_2_0.png",
+        "kan_moe_gate_layer1.png",
+        "kan_moe_gate_layer2.png",
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
