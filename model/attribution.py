@@ -31,7 +31,7 @@ from .layers import KAN, KANLinear
 def kan_attribution(layers: KAN | KANLinear | Sequence[KANLinear], x: Tensor) -> Tensor:
     """pykan-style input scores (in_features,) of a KAN stack on inputs ``x`` (N, in)."""
     if isinstance(layers, KAN):
-        layers = list(layers.layers)
+        layers = [m for m in layers.layers if isinstance(m, KANLinear)]
     elif isinstance(layers, KANLinear):
         layers = [layers]
     scales = []

@@ -143,11 +143,12 @@ def auto_symbolic_layer(
         if not live[q, p]:
             continue
         best = ranked[0] if ranked else None
-        ok = lock and best is not None and best.r2 >= r2_threshold
-        if ok:
+        locked = False
+        if lock and best is not None and best.r2 >= r2_threshold:
             layer.lock(p, q, fn=_lock_fn(best))
             _records(layer)[(q, p)] = best
-        reports.append(EdgeReport(layer_index, p, q, best, ok))
+            locked = True
+        reports.append(EdgeReport(layer_index, p, q, best, locked))
     return reports
 
 

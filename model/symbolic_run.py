@@ -32,10 +32,12 @@ def _raw_formula(servable: ServableModel, exprs: list[Any], var_names: list[str]
         return []  # expm1 of a long sum: no formula worth printing
     subs = {
         sp.Symbol(n): (sp.Symbol(n) - float(m)) / float(s)
-        for n, m, s in zip(var_names, servable.x_mean, servable.x_std, strict=True)
+        for n, m, s in zip(
+            var_names, servable.x_mean.tolist(), servable.x_std.tolist(), strict=True
+        )
     }
     out = []
-    for e, m, s in zip(exprs, servable.y_mean, servable.y_std, strict=True):
+    for e, m, s in zip(exprs, servable.y_mean.tolist(), servable.y_std.tolist(), strict=True):
         raw = sp.expand(e.xreplace(subs) * float(s) + float(m))
         out.append(raw)
     return out
@@ -56,22 +58,19 @@ def _formulas(
         except ValueError as exc:
             out.append({"module": path or "kan", "formula": None, "why_not": str(exc)})
             continue
-        named = first is not None and first.named_inputs and first.input_scale is not None
-        if named and any(abs(w - 1.0) > 1e-6 for w in first.input_scale):
+        scale = first.input_scale if first is not None and first.named_inputs else None
+        if scale is not None and names is not None and any(abs(w - 1.0) > 1e-6 for w in scale):
             import sympy as sp
 
             # the stack reads w ⊙ z (an MoE input transform): state it in z itself
-            subs = {
-                sp.Symbol(n): w * sp.Symbol(n)
-                for n, w in zip(names, first.input_scale, strict=True)
-            }
+            subs = {sp.Symbol(n): w * sp.Symbol(n) for n, w in zip(names, scale, strict=True)}
             exprs = [round_floats(sp.expand(e.xreplace(subs)), digits) for e in exprs]
         entry: dict[str, Any] = {
             "module": path or "kan",
-            "inputs": "standardised features" if named else "hidden units",
+            "inputs": "standardised features" if scale is not None else "hidden units",
             "formula": [str(e) for e in exprs],
         }
-        if module is servable.model and named:
+        if module is servable.model and scale is not None and names is not None:
             raw = _raw_formula(servable, exprs, names)
             if raw:
                 entry["raw_units"] = {
