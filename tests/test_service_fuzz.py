@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from typing import Any
 
@@ -36,8 +37,11 @@ V2_TYPES = [
     "FP16", "FP32", "FP64", "BYTES", "BF16",
 ]  # fmt: skip
 
+# CI budget; `make test-reliability` raises both (the long run).
+EXAMPLES = int(os.environ.get("KANMOE_FUZZ_EXAMPLES", "60"))
+SCHEMATHESIS_EXAMPLES = int(os.environ.get("KANMOE_SCHEMATHESIS_EXAMPLES", "42"))  # per operation
 FUZZ = settings(
-    max_examples=60,
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,
@@ -130,7 +134,7 @@ def _schemathesis_operation(op: Any, url: str, counts: Counter, failures: dict) 
     excluded = [positive_data_acceptance] if op.label.endswith(MODEL_SPECIFIC) else []
     cases = st.one_of([op.as_strategy(generation_mode=m) for m in schemathesis.GenerationMode])
 
-    @settings(FUZZ, max_examples=42)
+    @settings(FUZZ, max_examples=SCHEMATHESIS_EXAMPLES)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         case = data.draw(cases)
