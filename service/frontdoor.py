@@ -54,6 +54,7 @@ class FrontDoor:
     def __init__(self, app: Any, service: Service, settings: ServeSettings, metrics: Any) -> None:
         self.app = app
         self.service = service
+        self.deadlines = service.deadlines
         self.settings = settings
         self.metrics = metrics
         self.token = (
@@ -165,7 +166,8 @@ class FrontDoor:
             raise BodyTooLarge
         # The whole read is bounded, the first message too: a slow-loris client may send the
         # headers and then the body a byte at a time, or never.
-        async with asyncio.timeout(self.settings.request_timeout_s):
+        key, deadline = self.deadlines.start(self.settings.request_timeout_s)
+        try:
             message = await receive()  # a small body has fully arrived with its headers
             if message["type"] == "http.disconnect":
                 raise ClientGone
@@ -187,6 +189,12 @@ class FrontDoor:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
+        except asyncio.CancelledError:
+            if self.deadlines.absorb(deadline):
+                raise TimeoutError from None
+            raise
+        finally:
+            self.deadlines.finish(key)
 
     @staticmethod
     async def _send(send: Any, reply: Reply, request_id: str) -> None:

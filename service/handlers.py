@@ -15,6 +15,7 @@ import orjson
 
 from kanmoe.service import v2_codec
 from kanmoe.service.batcher import Draining, Outputs, QueueFull
+from kanmoe.service.deadlines import DeadlineSweeper
 from kanmoe.service.errors import ServiceError, bad_request
 from kanmoe.service.model_spec import INPUT_NAME, ModelSpec
 from kanmoe.service.settings import ServeSettings
@@ -69,16 +70,19 @@ class Service:
         self.store = store
         self.metrics = metrics
         self.draining = False
+        self.deadlines = DeadlineSweeper()
 
     # -- shared -------------------------------------------------------------------------
     def resolve(self, name: str, version: str | None) -> LoadedVersion:
         if self.draining:
+            self._reject(name, "draining")
             raise ServiceError(503, "the server is shutting down", {"retry-after": "1"})
         try:
             return self.store.serving(name, version)
         except NotFound as exc:
             raise ServiceError(404, str(exc)) from None
         except NotReady as exc:
+            self._reject(name, "not_ready")
             raise ServiceError(503, str(exc), {"retry-after": "1"}) from None
 
     def _reject(self, model: str, reason: str) -> None:
@@ -87,22 +91,26 @@ class Service:
 
     async def run(self, entry: LoadedVersion, x: np.ndarray) -> Outputs:
         assert entry.batcher is not None
+        key, deadline = self.deadlines.start(self.settings.request_timeout_s)
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):  # no task per request
-                return await entry.batcher.submit(x)
-        except QueueFull as exc:
-            self._reject(entry.name, "queue_full")
-            raise ServiceError(429, f"{exc}; retry later", {"retry-after": "1"}) from None
-        except Draining as exc:
-            self._reject(entry.name, "draining")
-            raise ServiceError(503, str(exc), {"retry-after": "1"}) from None
-        except TimeoutError:
+            return await entry.batcher.submit(x)
+        except asyncio.CancelledError:
+            if not self.deadlines.absorb(deadline):
+                raise
             self._reject(entry.name, "timeout")
             raise ServiceError(
                 503,
                 f"no result within {self.settings.request_timeout_s} s; the server is overloaded",
                 {"retry-after": "1"},
             ) from None
+        except QueueFull as exc:
+            self._reject(entry.name, "queue_full")
+            raise ServiceError(429, f"{exc}; retry later", {"retry-after": "1"}) from None
+        except Draining as exc:
+            self._reject(entry.name, "draining")
+            raise ServiceError(503, str(exc), {"retry-after": "1"}) from None
+        finally:
+            self.deadlines.finish(key)
 
     # -- v1 -----------------------------------------------------------------------------
     async def v1_predict(
@@ -120,7 +128,7 @@ class Service:
             )
         except ServiceError as exc:
             if exc.status in (400, 413, 415):
-                self._reject(name, "bad_request")
+                self._reject(name, "too_large" if exc.status == 413 else "bad_request")
             return Reply.error(exc, name)
 
     # -- v2 -----------------------------------------------------------------------------
@@ -155,7 +163,7 @@ class Service:
             return Reply(200, body_out, out_headers, name)
         except ServiceError as exc:
             if exc.status in (400, 413, 415, 422):
-                self._reject(name, "bad_request")
+                self._reject(name, "too_large" if exc.status == 413 else "bad_request")
             return Reply.error(exc, name)
 
     def _v2_input(self, request: Any, spec: ModelSpec) -> np.ndarray:

@@ -85,6 +85,9 @@ def serve(settings: ServeSettings) -> None:
         "timeout_graceful_shutdown": settings.drain_timeout_s,
         "lifespan": "on",
         "timeout_keep_alive": 5,
+        # No X-Forwarded-* rewriting: it costs a middleware hop per request and the service
+        # uses no client address; put a proxy's own access log in front if you need one.
+        "proxy_headers": False,
     }
     if settings.workers > 1:
         settings_to_env(settings)

@@ -428,3 +428,33 @@ def test_reload_keeps_series_of_an_unchanged_version_and_restarts_a_changed_one(
     assert len(samples(metrics, "kanmoe_model_info")) == 1
     metrics.remove_model("m", "1")  # one version counted once: removing it drops the model
     assert 'model="m"' not in metrics.render()[0].decode()
+
+
+def test_buffered_batches_fold_in_order_past_the_threshold_and_on_scrape():
+    """Batches are folded in chunks (FOLD_ROWS rows, or at a scrape); nothing is lost or
+    reordered: counts, out-of-range rows and the drift window equal a one-shot numpy pass."""
+    from kanmoe.service.metrics import FOLD_ROWS
+
+    rng = np.random.default_rng(3)
+    metrics, spec = ServiceMetrics(drift_window=500), make_spec()
+    metrics.add_model(spec, ["CPUExecutionProvider"])
+    ws, xs = [], []
+    for _ in range(2 * FOLD_ROWS // 97 + 3):  # crosses the threshold twice, leaves a tail
+        w = dirichlet(rng, 97)
+        x = rng.uniform(-2, 3, size=(97, len(FEATURES))).astype(np.float32)
+        observe(metrics, spec, w, x)
+        ws.append(w)
+        xs.append(x)
+    w, x = np.concatenate(ws), np.concatenate(xs)
+    lab = dict(model="m", version="1", layer="moe")
+    for e, expert in enumerate(EXPERTS):
+        assert value(metrics, "kanmoe_expert_gate_weight_count", expert=expert, **lab) == len(w)
+        assert value(metrics, "kanmoe_expert_routed_total", expert=expert, **lab) == int(
+            (w.argmax(1) == e).sum()
+        )
+    for f, feature in enumerate(FEATURES):
+        got = value(metrics, "kanmoe_input_out_of_range_total", feature=feature, side="above")
+        assert got == int((x[:, f] > 2.0).sum())
+    live = w[-500:].astype(np.float64).mean(0)
+    want = jensenshannon(live / live.sum(), np.asarray(REFERENCE), base=2) ** 2
+    assert value(metrics, "kanmoe_gate_drift", **lab) == pytest.approx(want, rel=1e-6)
