@@ -8,8 +8,8 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-dev serve test lint format bench bench-kan bench-onnx paper-tables \
-        default-model export-default clean
+.PHONY: help venv install install-dev system-deps serve test lint format bench bench-kan bench-onnx \
+        bench-serve paper-tables default-model export-default clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,17 @@ venv install: $(VENV)/.installed  ## create .venv and install kanmoe with train+
 
 install-dev: $(VENV)/.installed-dev  ## create .venv and install kanmoe with dev extras
 
+# Debian tools the deployment tests run for real (promtool + a Prometheus server, compose
+# config, haproxy -c) and the serving benchmark's load generator. CI installs them first.
+SYSTEM_DEPS ?= prometheus docker-compose haproxy wrk
+system-deps:  ## apt-get install the Debian tools the tests and benchmarks use (root)
+	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 serve: $(VENV)/.installed  ## serve the embedded default model on port 8000
 	$(VENV)/bin/kanmoe serve --repository model_repository --port 8000
 
@@ -52,13 +63,18 @@ format: $(VENV)/.installed-dev  ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: bench-kan bench-onnx  ## run every benchmark and update benchmarks/RESULTS.md
+bench: bench-kan bench-onnx bench-serve  ## run every benchmark and update benchmarks/RESULTS.md
 
 bench-kan: $(VENV)/.installed-bench  ## KAN layer speed vs efficient-kan-style baseline, pykan, kanditioned
 	$(PY) benchmarks/kan_layers.py
 
 bench-onnx: $(VENV)/.installed-dev  ## ONNX Runtime vs torch latency
 	$(PY) benchmarks/onnx_runtime.py
+
+bench-serve: $(VENV)/.installed-dev  ## serving req/s and latency (wrk): kanmoe serve vs hand-written FastAPI+ORT and the HTTP floor
+	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk \
+		|| echo "note: wrk could not be installed (apt-get install wrk); benchmarks/serving.py falls back to an httpx load generator"
+	$(PY) benchmarks/serving.py
 
 paper-tables: $(VENV)/.installed-dev  ## reproduce the KAMoE paper's California Housing table (3 seeds)
 	$(PY) benchmarks/paper_tables.py
