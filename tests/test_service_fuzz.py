@@ -155,6 +155,7 @@ def _schemathesis_operation(op: Any, url: str, counts: Counter, failures: dict) 
     run()
 
 
+@pytest.mark.slow
 def test_every_operation_conforms_to_the_openapi_document(private_server):
     """>= 500 schemathesis cases over every v1 and v2 operation: no 5xx, every answer's
     status, content type, headers and body as documented."""

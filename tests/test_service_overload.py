@@ -84,6 +84,7 @@ def _refused(server) -> float:
     return _metric(metrics, "kanmoe_rejected_total", model=DEFAULT_MODEL, reason="queue_full")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_ten_times_capacity_is_answered_right_or_refused_with_retry_after(tmp_path, server_factory):
     # One ORT thread and a queue of four requests: a small, predictable capacity.
