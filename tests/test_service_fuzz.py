@@ -498,6 +498,30 @@ def test_v1_inputs_of_any_rank_get_a_4xx_or_the_answer(client, reference):
     assert seen[2] >= 5 and seen[4] >= 5, seen  # both branches were reached
 
 
+ONES = ",".join(["1"] * (N_FEATURES - 1))
+RAW_V1 = {
+    # JSON text no Python float can carry: past double range, underflow, 2**65, deep nesting
+    "past double range": (f'{{"inputs": [[1e400,{ONES}]]}}', 400, None),
+    "5000 digits": (f'{{"inputs": [[{"9" * 5000},{ONES}]]}}', 400, None),
+    "underflow to zero": (f'{{"inputs": [[1e-400,{ONES}]]}}', 200, 0.0),
+    "2**65": (f'{{"inputs": [[{2**65},{ONES}]]}}', 200, float(2**65)),
+    "nested 100000 deep": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_V1))
+def test_number_and_nesting_extremes_in_json_text(client, reference, case):
+    text, status, first = RAW_V1[case]
+    response = client.post(f"/v1/models/{DEFAULT_MODEL}/predict", content=text.encode())
+    assert response.status_code == status, response.text[:300]
+    if status != 200:
+        assert _is_refusal(response)
+        return
+    x = np.array([[first] + [1.0] * (N_FEATURES - 1)], np.float32)
+    want = reference(x)["output"][:, 0]
+    np.testing.assert_allclose(response.json()["predictions"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_booleans_beside_numbers_are_refused_not_read_as_one(client):
     """Regression (found by the test above): numpy turned [1.0, true, ...] into 1.0s."""
     row = [1.5, True, 2, 1.0, 300.0, 2.5, 37.0, -122.0]
