@@ -64,9 +64,21 @@ def _start_ray() -> None:
                 raise
 
 
+# Serve's controller marks its HTTP proxy unhealthy after 3 health checks of 10 s and kills
+# it; a proxy still importing on 2 busy cores misses those. The processes of a local
+# cluster inherit the driver's environment, so these reach the controller.
+PATIENT_SERVE = {
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "20",
+}
+
+
 @pytest.fixture(scope="module")
 def ray_url():
     port = _free_port()
+    saved = {k: os.environ.get(k) for k in PATIENT_SERVE}
+    os.environ.update(PATIENT_SERVE)
     _start_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -84,6 +96,11 @@ def ray_url():
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
