@@ -109,9 +109,14 @@ def symbolic_report(
         if "Gaussian" in source:  # a probe tells the range poorly: fit over the grid
             reach, source = {}, "grid (training data not found)"
     layers = []
-    for info in infos:
+    for index, info in enumerate(infos):  # an edge's "layer" is its index in "layers"
         reports: list[EdgeReport] = auto_symbolic_layer(
-            info.layer, r2_threshold, library, x=reach.get(id(info.layer)), n_points=n_points
+            info.layer,
+            r2_threshold,
+            library,
+            x=reach.get(id(info.layer)),
+            layer_index=index,
+            n_points=n_points,
         )
         layers.append(
             {

@@ -253,6 +253,8 @@ def test_symbolic_report_gives_each_kan_expert_a_formula_in_its_features(tmp_pat
     library = ["0", "x", "x^2", "sin"]  # a short library keeps the test fast
     report = symbolic_report(tmp_path / "run", r2_threshold=0.0, library=library, write=False)
     labels = [layer["label"] for layer in report["layers"]]
+    for index, layer in enumerate(report["layers"]):
+        assert {e["layer"] for e in layer["edges"]} == {index}
     assert labels[:3] == [
         "moe.expert_0.layers.0",
         "moe.expert_1.layers.0",
