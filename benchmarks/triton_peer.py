@@ -52,8 +52,11 @@ def find_python313() -> str:
     sys.exit("Python 3.13 not found: install it (pyenv install 3.13) or pass --python")
 
 
-def setup(venv: Path, python: str | None) -> None:
+def setup(venv: Path, python: str | None, if_missing: bool = False) -> None:
     """Create the Triton venv: Python 3.13 + nvidia-pytriton + onnxruntime + numpy."""
+    if if_missing and triton_python(venv):
+        print(f"Triton venv present: {venv}")
+        return
     python = python or find_python313()
     subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run(
@@ -120,6 +123,7 @@ def main() -> None:
     p = sub.add_parser("setup", help="create the Python 3.13 venv with nvidia-pytriton")
     p.add_argument("--venv", type=Path, default=VENV)
     p.add_argument("--python", help="a Python 3.13 interpreter (default: python3.13 / pyenv)")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when it exists")
     p = sub.add_parser("serve", help="run one Triton server (inside the Triton venv)")
     p.add_argument("port", type=int)
     p.add_argument(
@@ -138,11 +142,12 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only (no RESULTS.md, no plots)")
     p = sub.add_parser("profile", help="py-spy profile of kanmoe serve under wrk load")
     p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--save", help="also write py-spy's raw (collapsed) stacks to this file")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--save", help="also write py-spy's raw stacks to SAVE.c<concurrency>")
+    p.add_argument("--no-write", action="store_true", help="print only (no RESULTS.md)")
     args = ap.parse_args()
     if args.cmd == "setup":
-        setup(args.venv, args.python)
+        setup(args.venv, args.python, args.if_missing)
     elif args.cmd == "serve":
         serve(args.port, args.max_queue_delay_us, args.intra_op_threads)
     else:
