@@ -86,11 +86,21 @@ def make_payloads(model_file: Path, model: str, rows: int, seed: int = 0) -> lis
     return payloads
 
 
+KEEPALIVE_S = 4.0  # reuse an idle connection only this long (the server closes at 5 s)
+
+
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.open = True
+        self.idle_since = time.perf_counter()
+
+    def reusable(self) -> bool:
+        """Not closed by either side, and not idle long enough for the server to close it
+        as we write (the keep-alive race every HTTP client avoids the same way)."""
+        fresh = time.perf_counter() - self.idle_since < KEEPALIVE_S
+        return self.open and fresh and not self.reader.at_eof()
 
     async def exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
         self.writer.write(request)
@@ -105,6 +115,7 @@ class Connection:
         body = await self.reader.readexactly(int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":
             self.close()
+        self.idle_since = time.perf_counter()
         return status, headers, body
 
     def close(self) -> None:
@@ -203,6 +214,9 @@ async def open_loop(
             tally.late_starts += 1
             freed.clear()
             await freed.wait()
+        while idle and not idle[-1].reusable():
+            idle.pop().close()
+            made -= 1
         if idle:
             conn = idle.pop()
         else:
