@@ -156,6 +156,8 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0.0)
     loss: Literal["mse", "huber", "l1"] = "mse"
     kan_reg_weight: float = Field(0.0, ge=0.0)
+    # second-difference smoothness of KAN coefficients (kanmoe.model.smoothness)
+    kan_smooth_weight: float = Field(0.0, ge=0.0)
     aux_loss_weight: float = Field(1.0, ge=0.0)
     expert_loss_weight: float = Field(0.0, ge=0.0)  # + w * mean_k loss(expert_k(x), y)
     grid_update_epochs: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)

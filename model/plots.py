@@ -142,4 +142,8 @@ def write_all_plots(
                 written.append(kan_functions(first, path, title="KAN layer 1"))
     except ImportError:
         pass
+    if not servable.is_sequence:  # per-layer KAN plots read tabular inputs
+        from kanmoe.model.kan_run_plots import write_kan_plots
+
+        written += write_kan_plots(run_dir, servable, x_test)
     return written

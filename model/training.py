@@ -248,6 +248,10 @@ class Trainer:
             loss = loss + c.aux_loss_weight * aux_loss(self.model)
         if c.kan_reg_weight > 0:
             loss = loss + c.kan_reg_weight * kan_regularization(self.model)
+        if c.kan_smooth_weight > 0:
+            from kanmoe.model.smoothness import kan_smoothness
+
+            loss = loss + c.kan_smooth_weight * kan_smoothness(self.model)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip is not None:
