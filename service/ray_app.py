@@ -152,7 +152,7 @@ def run(
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = deployment(settings, num_replicas=num_replicas, num_cpus=num_cpus, num_gpus=num_gpus)
     serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
