@@ -19,6 +19,7 @@ section of RESULTS.md and the plots in ``benchmarks/plots/``.
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,9 @@ def serve(port: int, max_queue_delay_us: int, intra_op_threads: int) -> None:
             ),
             strict=False,
         )
+        # SIGTERM (the bench stops its servers so) leaves through the `with`: pytriton then
+        # stops tritonserver and removes its workspace under ~/.cache/pytriton.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         triton.serve()
 
 
