@@ -174,6 +174,7 @@ def test_every_operation_conforms_to_the_openapi_document(private_server):
     failures: dict = {}
     for op in operations:
         _schemathesis_operation(op, private_server.url, counts, failures)
+    print(f"schemathesis: {sum(counts.values())} cases over {len(labels)} operations: {counts}")
     assert not failures, "\n\n".join(failures.values())
     per_operation = Counter(label for label, _ in counts.elements())
     assert set(per_operation) == labels, labels - set(per_operation)
