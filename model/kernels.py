@@ -28,6 +28,8 @@ FORWARD_GROUP_BYTES = 1 << 20  # table bytes per embedding_bag call in the CPU f
 FORWARD_MAX_GROUPS = 16
 _INT16_KEYS = 32767  # keys sorted as int16 up to this (torch sorts int16 fastest on CPU)
 SLOPE_GROUP_BYTES = 1 << 22  # slope rows built per sampled_addmm call in the lookup backward
+BACKWARD_G_BYTES = 1 << 20  # output-gradient rows per backward block (gathered at random)
+BACKWARD_ADD_RATIO = 0.03  # blocks only while re-adding grad_table costs < this x the row work
 
 
 def rows_forward(base: Tensor, weights: Tensor, table: Tensor) -> Tensor:
@@ -187,45 +189,110 @@ def unsort(rows: SortedRows, values: Tensor, shape: tuple[int, ...]) -> Tensor:
 class LocalRowsFn(torch.autograd.Function):
     """y = rows_forward(base, weights, table) with gradients for x and the table.
 
-    ``apply(x, table, base, weights, dweights, slope_scale)``: base, weights (and dweights,
-    the x-derivatives of the weights) are computed from x outside, without grad; x is passed
-    only so autograd routes its gradient here. grad_x is sum_s dweights[s] * (g . row s) or,
-    when dweights is None (the linear lookup), slope_scale * g . (row 1 - row 0), the
-    difference taken first so float32 does not cancel two large dot products.
+    ``apply(x, table, base, weights, dweights, slope_scale, pad)``: base, weights (and
+    dweights, the x-derivatives of the weights) are computed from x outside, without grad; x
+    is passed only so autograd routes its gradient here. grad_x is sum_s dweights[s] *
+    (g . row s) or, when dweights is None (the linear lookup), slope_scale * g . (row 1 -
+    row 0), the difference taken first so float32 does not cancel two large dot products.
+    ``pad >= 0``: ``table`` is (out, in, M) (a B-spline layer's coefficients), ``rows`` its
+    ``padded_rows(table, pad)``; the gradient comes back contiguous in the (out, in, M)
+    layout (strided gradients would make the coefficients' own backward slow). Otherwise
+    ``pad`` is -1, ``rows`` None and ``table`` the (in, R, out) row table itself.
     """
 
     @staticmethod
-    def forward(x, table, base, weights, dweights, slope_scale):  # type: ignore[override]
-        return rows_forward(base, weights, table)
+    def forward(x, table, base, weights, dweights, slope_scale, pad, rows):  # type: ignore[override]
+        return rows_forward(base, weights, table if rows is None else rows)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, table, base, weights, dweights, slope_scale = inputs
-        ctx.save_for_backward(table, base, weights, dweights)
-        ctx.slope_scale = slope_scale
-        ctx.x_shape = x.shape
+        x, table, base, weights, dweights, slope_scale, pad, rows = inputs
+        ctx.save_for_backward(table if rows is None else rows, base, weights, dweights)
+        ctx.slope_scale, ctx.pad = slope_scale, pad
+        ctx.x_shape, ctx.table_shape = x.shape, table.shape
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
         table, base, weights, dweights = ctx.saved_tensors
-        n_in, n_rows, n_out = table.shape
-        n_s = weights.shape[-1]
+        need_x, need_table = ctx.needs_input_grad[:2]
         g = g.contiguous()
-        rows = sort_rows(base, n_rows)
-        grad_x = grad_table = None
-        if ctx.needs_input_grad[0]:
-            if dweights is None:
-                dots = slope_dots(rows, table, g).mul_(ctx.slope_scale)
-            else:
-                dw = dweights.reshape(-1, n_s).index_select(0, rows.order)
-                flat = table.reshape(-1, n_out)
-                dots = sampled_dots(rows, flat, g, 0).mul_(dw[:, 0])
-                for s in range(1, n_s):
-                    dots.addcmul_(sampled_dots(rows, flat, g, s), dw[:, s])
-            grad_x = unsort(rows, dots, ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            w = weights.reshape(-1, n_s).index_select(0, rows.order).t()
-            grad_table = segment_sums(rows, g, w.contiguous().unbind(0))
-            grad_table = grad_table.reshape(n_in, n_rows, n_out)
-        return grad_x, grad_table, None, None, None, None
+        n_b, n_in = base.shape
+        step = backward_chunk_rows(n_b, n_in, weights.shape[-1], table)
+        grad_xs, grad_table = [], None
+        for s in range(0, max(n_b, 1), step):  # an empty batch is one empty block
+            e = min(s + step, n_b)
+            gx, gt = _backward_block(
+                table,
+                base[s:e],
+                weights[s:e],
+                dweights if dweights is None else dweights[s:e],
+                g[s:e],
+                ctx.slope_scale,
+                need_x,
+                need_table,
+            )
+            grad_xs.append(gx)
+            grad_table = gt if grad_table is None else grad_table.add_(gt)
+        grad_x = None
+        if need_x:
+            grad_x = (torch.cat(grad_xs) if len(grad_xs) > 1 else grad_xs[0]).reshape(ctx.x_shape)
+        if grad_table is not None and ctx.pad >= 0:
+            n_out, n_in, n_m = ctx.table_shape
+            inner = grad_table[:, ctx.pad : ctx.pad + n_m].reshape(n_in * n_m, n_out)
+            grad_table = inner.t().contiguous().view(n_out, n_in, n_m)  # 2-D transpose: fast
+        return grad_x, grad_table, None, None, None, None, None, None
+
+
+def padded_rows(coef: Tensor, pad: int) -> Tensor:
+    """(out, in, M) coefficients -> (in, M + 2 pad, out) row table with zero rows at both ends."""
+    n_out, n_in, n_m = coef.shape
+    # a 2-D transpose copy (blocked, fast) then a contiguous pad: a 3-D permute copy is slow
+    with torch.no_grad():
+        rows = coef.reshape(n_out, n_in * n_m).t().contiguous().view(n_in, n_m, n_out)
+        return F.pad(rows, (0, 0, pad, pad))
+
+
+def backward_chunk_rows(n_b: int, n_in: int, n_s: int, table: Tensor) -> int:
+    """Samples per backward block: g's rows of a block stay in cache (they are gathered in
+    random order), unless re-adding the table gradient per block would cost more than that."""
+    if table.is_cuda:
+        return max(n_b, 1)
+    n_out = table.shape[-1]
+    step = max(1, BACKWARD_G_BYTES // (n_out * table.element_size()))
+    blocks = -(-n_b // step)
+    if blocks > 1 and (blocks - 1) * table.numel() > BACKWARD_ADD_RATIO * n_b * n_in * n_s * n_out:
+        return max(n_b, 1)
+    return step
+
+
+def _backward_block(
+    table: Tensor,
+    base: Tensor,
+    weights: Tensor,
+    dweights: Tensor | None,
+    g: Tensor,
+    slope_scale: float,
+    need_x: bool,
+    need_table: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """grad_x (B, in) and grad_table (in, R, out) of one block of samples."""
+    n_in, n_rows, n_out = table.shape
+    n_s = weights.shape[-1]
+    rows = sort_rows(base, n_rows)
+    grad_x = grad_table = None
+    if need_x:
+        if dweights is None:
+            dots = slope_dots(rows, table, g).mul_(slope_scale)
+        else:
+            dw = dweights.reshape(-1, n_s).index_select(0, rows.order)
+            flat = table.reshape(-1, n_out)
+            dots = sampled_dots(rows, flat, g, 0).mul_(dw[:, 0])
+            for s in range(1, n_s):
+                dots.addcmul_(sampled_dots(rows, flat, g, s), dw[:, s])
+        grad_x = unsort(rows, dots, tuple(base.shape))
+    if need_table:
+        w = weights.reshape(-1, n_s).index_select(0, rows.order).t()
+        grad_table = segment_sums(rows, g, w.contiguous().unbind(0))
+        grad_table = grad_table.reshape(n_in, n_rows, n_out)
+    return grad_x, grad_table

@@ -271,8 +271,9 @@ def bspline_local_layer(
         vals, dvals, first = _local_bspline(
             x.detach(), grid_size, k, grid_lo, grid_hi, derivative=need_dx, first_row=True
         )
-    table = F.pad(coef.permute(1, 2, 0), (0, 0, k, k))  # (in, G+3K, out), zero rows at the ends
-    return kernels.LocalRowsFn.apply(x, table, first, vals, dvals, 1.0)
+    # rows of coef permuted to (in, G+K, out) with K zero rows at both ends
+    rows = kernels.padded_rows(coef, k)
+    return kernels.LocalRowsFn.apply(x, coef, first, vals, dvals, 1.0, k, rows)
 
 
 # --------------------------------------------------------------------------- RBF
@@ -342,7 +343,7 @@ def linear_spline_lookup(
         cell, t = _lookup_cells(x2, n_pts, grid_lo, grid_hi)
         weights = torch.stack((1.0 - t, t), dim=-1)
     scale = (n_pts - 1) / (grid_hi - grid_lo)
-    y = kernels.LocalRowsFn.apply(x2, control_points, cell, weights, None, scale)
+    y = kernels.LocalRowsFn.apply(x2, control_points, cell, weights, None, scale, -1, None)
     return y.reshape(*lead, n_out)
 
 

@@ -31,11 +31,14 @@ def _gather_reference(base, w, table):
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    """Force every chunked code path: one input per forward group, sort group, slope group."""
+    """Force every chunked code path: one input per forward/sort/slope group, one sample per
+    backward block."""
     monkeypatch.setattr(kernels, "FORWARD_GROUP_BYTES", 1)
     monkeypatch.setattr(kernels, "FORWARD_MAX_GROUPS", 10**6)
     monkeypatch.setattr(kernels, "_INT16_KEYS", 12)
     monkeypatch.setattr(kernels, "SLOPE_GROUP_BYTES", 1)
+    monkeypatch.setattr(kernels, "BACKWARD_G_BYTES", 1)  # one sample per backward block
+    monkeypatch.setattr(kernels, "BACKWARD_ADD_RATIO", float("inf"))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
