@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-dev system-deps serve test lint format bench bench-kan bench-onnx \
+.PHONY: help venv install install-dev system-deps serve test test-reliability lint format bench bench-kan bench-onnx \
         bench-serve paper-tables default-model export-default clean
 
 help:  ## list the targets
@@ -54,6 +54,10 @@ serve: $(VENV)/.installed  ## serve the embedded default model on port 8000
 
 test: $(VENV)/.installed-dev  ## run the whole test suite (pytest exit code 5, no tests, fails)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-reliability: $(VENV)/.installed-dev  ## long service reliability run: 30 s at 10x capacity, 500 Hypothesis / 150 schemathesis cases per property / operation
+	KANMOE_OVERLOAD_SECONDS=30 KANMOE_FUZZ_EXAMPLES=500 KANMOE_SCHEMATHESIS_EXAMPLES=150 \
+		$(VENV)/bin/python -m pytest -q -s tests/test_service_fuzz.py tests/test_service_overload.py tests/test_service_faults.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev  ## ruff lint + format check
 	$(VENV)/bin/ruff check .

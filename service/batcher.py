@@ -2,8 +2,14 @@
 
 Policy: a batch starts as soon as the runner is free, taking every queued request up to
 ``max_batch_rows`` (so a lone request pays no delay), and waits up to ``max_delay_s`` for
-more rows only when that is set above zero. While one batch runs in the worker thread the
-event loop keeps parsing requests, which is where the coalescing comes from under load.
+more rows only when that is set above zero. A small request that finds the runner idle and
+the queue empty runs at once on the event loop: two thread hand-offs and a task wake-up
+cost more than a few-row session run, and nothing else is waiting to be parsed then. The
+caller says when that is safe (``may_inline``: the server has one open connection): an
+inline run blocks the loop, so under load it would serialise every request and hide the
+very concurrency batching feeds on.
+While one batch runs in the worker thread the event loop keeps parsing requests, which is
+where the coalescing comes from under load.
 The queue is bounded in rows: past ``max_queue_rows`` a request is refused (429) at once
 instead of waiting behind work the server cannot finish in time.
 """
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 Outputs = dict[str, np.ndarray]
+# Requests up to this many rows run inline when the batcher is idle (see the module doc).
+INLINE_MAX_ROWS = 8
 RunFn = Callable[[np.ndarray], Outputs]
 # Called in the worker thread after each batch: (inputs, outputs, seconds).
 BatchHook = Callable[[np.ndarray, Outputs, float], None]
@@ -65,10 +73,12 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._busy = False  # a batch is running (inline or in the worker thread)
 
     # -- request side -------------------------------------------------------------------
-    async def submit(self, x: np.ndarray) -> Outputs:
-        """Queue ``x`` (rows on axis 0) and wait for its slice of the batch's outputs."""
+    async def submit(self, x: np.ndarray, may_inline: bool = False) -> Outputs:
+        """Queue ``x`` (rows on axis 0) and wait for its slice of the batch's outputs;
+        ``may_inline``: no other client is connected, so an idle runner may run it now."""
         if self._closed:
             raise Draining("the model is shutting down or being unloaded")
         rows = int(x.shape[0])
@@ -81,6 +91,18 @@ class MicroBatcher:
         try:
             if not self.enabled:
                 return await self._run_unbatched(loop, x)
+            if (
+                may_inline
+                and self.max_delay_s == 0  # a configured delay asks for coalescing
+                and not self._busy
+                and not self._queue
+                and rows <= INLINE_MAX_ROWS
+            ):
+                self._busy = True
+                try:
+                    return self._run_and_hook(x)
+                finally:
+                    self._busy = False
             self._ensure_task(loop)
             future: asyncio.Future[Outputs] = loop.create_future()
             self._queue.append(_Pending(x, future))
@@ -146,6 +168,7 @@ class MicroBatcher:
                 continue
             xs = [p.x for p in batch]
             x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+            self._busy = True
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run_and_hook, x)
             except Exception as exc:  # a failed run fails its own batch, never the loop
@@ -153,6 +176,8 @@ class MicroBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            finally:
+                self._busy = False
             start = 0
             for p in batch:
                 stop = start + int(p.x.shape[0])

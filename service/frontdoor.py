@@ -23,6 +23,7 @@ from kanmoe.service.handlers import Reply, Service, error_body
 from kanmoe.service.settings import ServeSettings
 
 access_log = logging.getLogger("kanmoe.access")
+log = logging.getLogger("kanmoe.service")
 
 HOT_ROUTE = re.compile(r"^/(v1|v2)/models/([^/]+)(?:/versions/([^/]+))?/(predict|infer)$")
 MODEL_ROUTE = re.compile(r"^/v[12]/(?:models|repository/models)/([^/]+)")
@@ -141,12 +142,20 @@ class FrontDoor:
         except ClientGone:
             return
         else:
-            if version_label == "v1":
-                reply = await self.service.v1_predict(
-                    name, version, body, headers.get("content-type")
+            try:
+                if version_label == "v1":
+                    reply = await self.service.v1_predict(
+                        name, version, body, headers.get("content-type")
+                    )
+                else:
+                    reply = await self.service.v2_infer(name, version, body, headers)
+            except Exception:  # a bug or a runtime failure: logged, answered, never a crash
+                log.exception("request %s to %s failed", request_id, scope["path"])
+                reply = Reply(
+                    500,
+                    error_body(f"internal error (request id {request_id}); see the server log"),
+                    {"content-type": "application/json"},
                 )
-            else:
-                reply = await self.service.v2_infer(name, version, body, headers)
         await self._send(send, reply, request_id)
         route = "v1_predict" if version_label == "v1" else "v2_infer"
         self._record(

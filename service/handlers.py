@@ -7,6 +7,7 @@ the two can never disagree about what a request means.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,9 @@ class Service:
         self.metrics = metrics
         self.draining = False
         self.deadlines = DeadlineSweeper()
+        # Open client connections, when the server can tell (uvicorn's state, set by
+        # kanmoe.service.server); unknown means "assume others", so nothing runs inline.
+        self.connections: Callable[[], int] = lambda: 2
 
     # -- shared -------------------------------------------------------------------------
     def resolve(self, name: str, version: str | None) -> LoadedVersion:
@@ -93,7 +97,7 @@ class Service:
         assert entry.batcher is not None
         key, deadline = self.deadlines.start(self.settings.request_timeout_s)
         try:
-            return await entry.batcher.submit(x)
+            return await entry.batcher.submit(x, may_inline=self.connections() <= 1)
         except asyncio.CancelledError:
             if not self.deadlines.absorb(deadline):
                 raise

@@ -30,6 +30,9 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
         self._service = getattr(app, "state_service", None)
+        if self._service is not None:
+            connections = self.server_state.connections
+            self._service.connections = lambda: len(connections)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._service is not None and not self._service.draining:
