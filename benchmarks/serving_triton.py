@@ -25,6 +25,12 @@ from triton_peer import READY_PATH, TRITON_LABEL, triton_python
 PLOTS = Path(__file__).resolve().parent / "plots"
 PEERS = ("kanmoe", "baseline", "floor", "triton")
 SECTION = "serving_triton"
+SHORT = {
+    "kanmoe": "kanmoe serve",
+    "baseline": "hand-written FastAPI + ORT",
+    "floor": "HTTP floor (bare ASGI)",
+    "triton": "Triton (pytriton, Python backend)",
+}
 
 
 def triton_config() -> serving.Config:
@@ -45,6 +51,20 @@ def peer_configs() -> list[serving.Config]:
     cfgs = {c.key: c for c in serving.configs()}
     cfgs.setdefault("triton", triton_config())
     return [cfgs[k] for k in PEERS]
+
+
+def git_state() -> str:
+    """The commit measured, and whether service/ had uncommitted edits (a shared tree)."""
+    here = Path(__file__).parent
+    run = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a], capture_output=True, text=True, cwd=here
+    ).stdout.strip()
+    dirty = run("status", "--porcelain", "--", "service", "kanmoe")
+    return f"git {run('rev-parse', '--short', 'HEAD')}" + (
+        " + uncommitted edits in service/ or kanmoe/ (measured as in the working tree)"
+        if dirty
+        else ""
+    )
 
 
 class LoadSampler:
@@ -135,20 +155,23 @@ def plot(res: serving.Results, cfgs: list[serving.Config], conc: list[int]) -> l
             pts = [(c, p) for c, p in pts if p is not None]
             xs = [c for c, _ in pts]
             if what == "throughput":
-                ax.plot(xs, [p.rps for _, p in pts], "o-", label=cfg.label)
+                ax.plot(xs, [p.rps for _, p in pts], "o-", label=SHORT.get(cfg.key, cfg.key))
             else:
-                (line,) = ax.plot(xs, [p.p50_ms for _, p in pts], "o-", label=f"{cfg.label} p50")
+                (line,) = ax.plot(
+                    xs, [p.p50_ms for _, p in pts], "o-", label=f"{SHORT.get(cfg.key, cfg.key)} p50"
+                )
                 ax.plot(
                     xs,
                     [p.p99_ms for _, p in pts],
                     "s--",
                     color=line.get_color(),
-                    label=f"{cfg.key} p99",
+                    label=f"{SHORT.get(cfg.key, cfg.key)} p99",
                 )
         ax.set_xscale("log", base=2)
         ax.set_xticks(conc, [str(c) for c in conc])
         ax.set_xlabel("concurrent connections (wrk, one-row v2 JSON requests)")
         if what == "throughput":
+            ax.set_yscale("log")
             ax.set_ylabel("requests/s (median over rounds)")
         else:
             ax.set_yscale("log")
@@ -181,18 +204,21 @@ def report(
                     f"{p.non_2xx + p.socket_errors} |"
                 )
     ratios = [
-        "| concurrency | kanmoe / Triton req/s | kanmoe / Triton p50 | kanmoe / Triton p99 |",
-        "|---|---|---|---|",
+        "| concurrency | kanmoe / Triton req/s | kanmoe / Triton p50 | kanmoe / Triton p99 | "
+        "Triton / kanmoe server CPU per request |",
+        "|---|---|---|---|---|",
     ]
     for c in args.concurrency:
         r = [per_round_ratio(res, "kanmoe", "triton", c, a) for a in ("rps", "p50_ms", "p99_ms")]
-        if None not in r:
-            ratios.append(f"| {c} | {r[0]:.1f}x | {r[1]:.2f} | {r[2]:.2f} |")
+        cpu = per_round_ratio(res, "triton", "kanmoe", c, "cpu_us")
+        if None not in r and cpu is not None:
+            ratios.append(f"| {c} | {r[0]:.1f}x | {r[1]:.2f} | {r[2]:.2f} | {cpu:.1f}x |")
     head = [
         "## Serving vs Triton (make bench-triton)",
         "",
         f"- Machine: {info['cpu']}, nproc {info['nproc']}; {serving.versions()}",
-        f"- Command: `{info['command']}`; started {info['start']}, took {info['took']:.0f} s",
+        f"- Command: `{info['command']}`; started {info['start']}, took {info['took']:.0f} s; "
+        f"{git_state()}",
         f"- Load average (1 min) over the run, sampled every 5 s: min {info['load_min']:.1f}, "
         f"median {info['load_med']:.1f}, max {info['load_max']:.1f} (other agents' jobs share "
         "the 2 cores: absolute numbers are depressed and noisy; servers are measured "
@@ -376,7 +402,8 @@ def profile(args: argparse.Namespace) -> None:
             "(`serving_triton.CATEGORIES`), so stdlib helpers (asyncio.timeout, executor submit) "
             "count for the kanmoe code that called them. µs/req = share × server CPU per request "
             "(from /proc). ORT's kernels run inside `session.run` on the executor thread.",
-            f"- Command: `{shlex.join(['python', 'benchmarks/triton_peer.py', *sys.argv[1:]])}`",
+            f"- Command: `{shlex.join(['python', 'benchmarks/triton_peer.py', *sys.argv[1:]])}`; "
+            f"{git_state()}",
             *summary,
             "",
             *table,
