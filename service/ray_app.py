@@ -104,8 +104,7 @@ def deployment(
     if not settings.repository.is_dir():
         raise KanmoeError(f"repository {settings.repository} is not a directory")
     ingress = serve.ingress(build_replica_app)()
-    dep = serve.deployment(
-        ingress,
+    options = serve.deployment(
         name=DEPLOYMENT_NAME,
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,
@@ -115,7 +114,7 @@ def deployment(
             "runtime_env": {"env_vars": settings_env(settings)},
         },
     )
-    return dep.bind()
+    return options(ingress).bind()
 
 
 def build(args: dict[str, str]) -> Any:
