@@ -233,10 +233,21 @@ class RunConfig(_Strict):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of everything but the name and the tune section."""
+        """sha256 of the canonical JSON of everything but the name and the tune section.
+
+        Fields added after runs were already published (``FIELDS_ADDED_LATER``) enter the
+        payload only when set away from their default, so existing runs keep their hash.
+        """
         payload = {k: v for k, v in self.to_dict().items() if k not in ("name", "tune")}
+        for section, key, default in FIELDS_ADDED_LATER:
+            if payload.get(section, {}).get(key) == default:
+                payload[section] = {k: v for k, v in payload[section].items() if k != key}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# (section, key, default) of config fields added after kanmoe 0.1.0 shipped runs.
+FIELDS_ADDED_LATER: tuple[tuple[str, str, Any], ...] = (("train", "kan_smooth_weight", 0.0),)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -117,3 +117,16 @@ def test_cli_bad_set_value_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "'train.batch_size'" in result.stderr and "'big'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fields_added_later_keep_old_hashes_until_set() -> None:
+    """A field added after runs were published must not change their hash at its default
+    (the committed default model's ONNX records the hash of its run), but must when set."""
+    from kanmoe.model.config import FIELDS_ADDED_LATER
+
+    base = validate_config({})
+    for section, key, default in FIELDS_ADDED_LATER:
+        explicit = validate_config({section: {key: default}})
+        assert explicit.config_hash() == base.config_hash()
+        changed = validate_config({section: {key: default + 1.0}})
+        assert changed.config_hash() != base.config_hash()
