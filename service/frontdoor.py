@@ -27,6 +27,17 @@ log = logging.getLogger("kanmoe.service")
 
 HOT_ROUTE = re.compile(r"^/(v1|v2)/models/([^/]+)(?:/versions/([^/]+))?/(predict|infer)$")
 MODEL_ROUTE = re.compile(r"^/v[12]/(?:models|repository/models)/([^/]+)")
+# The request headers any handler reads (uvicorn gives them lower-cased, as bytes).
+READ_HEADERS = {
+    k.encode(): k
+    for k in (
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "inference-header-content-length",
+    )
+}
 OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
 
 
@@ -71,12 +82,13 @@ class FrontDoor:
         auth = b""
         request_id = ""
         for key, value in scope["headers"]:
-            if key == b"authorization":
+            name = READ_HEADERS.get(key)
+            if name is not None:
+                headers[name] = value.decode("latin-1")
+            elif key == b"authorization":
                 auth = value
             elif key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
-            else:
-                headers[key.decode("latin-1")] = value.decode("latin-1")
         request_id = request_id or os.urandom(8).hex()
         path: str = scope["path"]
         method: str = scope["method"]
@@ -122,14 +134,19 @@ class FrontDoor:
 
     async def _hot(self, scope, receive, send, match, headers, request_id, start) -> None:
         version_label, name, version, _ = match.groups()
+        # One deadline bounds the whole request: a body that trickles in (slow loris) gets
+        # 408, a result that does not come in time 503.
+        key, deadline = self.deadlines.start(self.settings.request_timeout_s)
+        reading = True
         try:
             body = await self._read_body(receive, headers)
-        except TimeoutError:  # a slow-loris body must not hold the request forever
-            reply = Reply(
-                408,
-                error_body(f"request body not received within {self.settings.request_timeout_s} s"),
-                {"content-type": "application/json", "connection": "close"},
-            )
+            reading = False
+            if version_label == "v1":
+                reply = await self.service.v1_predict(
+                    name, version, body, headers.get("content-type")
+                )
+            else:
+                reply = await self.service.v2_infer(name, version, body, headers)
         except BodyTooLarge:
             reply = Reply(
                 413,
@@ -141,21 +158,19 @@ class FrontDoor:
             )
         except ClientGone:
             return
-        else:
-            try:
-                if version_label == "v1":
-                    reply = await self.service.v1_predict(
-                        name, version, body, headers.get("content-type")
-                    )
-                else:
-                    reply = await self.service.v2_infer(name, version, body, headers)
-            except Exception:  # a bug or a runtime failure: logged, answered, never a crash
-                log.exception("request %s to %s failed", request_id, scope["path"])
-                reply = Reply(
-                    500,
-                    error_body(f"internal error (request id {request_id}); see the server log"),
-                    {"content-type": "application/json"},
-                )
+        except asyncio.CancelledError:
+            if not self.deadlines.absorb(deadline):
+                raise
+            reply = self._timed_out(name, reading)
+        except Exception:  # a bug or a runtime failure: logged, answered, never a crash
+            log.exception("request %s to %s failed", request_id, scope["path"])
+            reply = Reply(
+                500,
+                error_body(f"internal error (request id {request_id}); see the server log"),
+                {"content-type": "application/json"},
+            )
+        finally:
+            self.deadlines.finish(key)
         await self._send(send, reply, request_id)
         route = "v1_predict" if version_label == "v1" else "v2_infer"
         self._record(
@@ -168,42 +183,48 @@ class FrontDoor:
             route,
         )
 
+    def _timed_out(self, name: str, reading: bool) -> Reply:
+        timeout = self.settings.request_timeout_s
+        if reading:
+            return Reply(
+                408,
+                error_body(f"request body not received within {timeout} s"),
+                {"content-type": "application/json", "connection": "close"},
+            )
+        self.service.reject(name, "timeout")
+        return Reply(
+            503,
+            error_body(f"no result within {timeout} s; the server is overloaded"),
+            {"content-type": "application/json", "retry-after": "1"},
+            name,
+        )
+
     async def _read_body(self, receive: Any, headers: dict[str, str]) -> bytes:
         limit = self.settings.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BodyTooLarge
-        # The whole read is bounded, the first message too: a slow-loris client may send the
-        # headers and then the body a byte at a time, or never.
-        key, deadline = self.deadlines.start(self.settings.request_timeout_s)
-        try:
-            message = await receive()  # a small body has fully arrived with its headers
+        message = await receive()  # a small body has fully arrived with its headers
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        first = message.get("body", b"")
+        if len(first) > limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            return first
+        chunks = [first]
+        size = len(first)
+        while True:
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
-            first = message.get("body", b"")
-            if len(first) > limit:
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
                 raise BodyTooLarge
+            chunks.append(chunk)
             if not message.get("more_body", False):
-                return first
-            chunks = [first]
-            size = len(first)
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-        except asyncio.CancelledError:
-            if self.deadlines.absorb(deadline):
-                raise TimeoutError from None
-            raise
-        finally:
-            self.deadlines.finish(key)
+                return b"".join(chunks)
 
     @staticmethod
     async def _send(send: Any, reply: Reply, request_id: str) -> None:

@@ -6,7 +6,6 @@ the two can never disagree about what a request means.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,42 +78,31 @@ class Service:
     # -- shared -------------------------------------------------------------------------
     def resolve(self, name: str, version: str | None) -> LoadedVersion:
         if self.draining:
-            self._reject(name, "draining")
+            self.reject(name, "draining")
             raise ServiceError(503, "the server is shutting down", {"retry-after": "1"})
         try:
             return self.store.serving(name, version)
         except NotFound as exc:
             raise ServiceError(404, str(exc)) from None
         except NotReady as exc:
-            self._reject(name, "not_ready")
+            self.reject(name, "not_ready")
             raise ServiceError(503, str(exc), {"retry-after": "1"}) from None
 
-    def _reject(self, model: str, reason: str) -> None:
+    def reject(self, model: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.observe_rejection(model, reason)
 
     async def run(self, entry: LoadedVersion, x: np.ndarray) -> Outputs:
+        """Through the version's batcher; the caller (the front door) bounds the wait."""
         assert entry.batcher is not None
-        key, deadline = self.deadlines.start(self.settings.request_timeout_s)
         try:
             return await entry.batcher.submit(x, may_inline=self.connections() <= 1)
-        except asyncio.CancelledError:
-            if not self.deadlines.absorb(deadline):
-                raise
-            self._reject(entry.name, "timeout")
-            raise ServiceError(
-                503,
-                f"no result within {self.settings.request_timeout_s} s; the server is overloaded",
-                {"retry-after": "1"},
-            ) from None
         except QueueFull as exc:
-            self._reject(entry.name, "queue_full")
+            self.reject(entry.name, "queue_full")
             raise ServiceError(429, f"{exc}; retry later", {"retry-after": "1"}) from None
         except Draining as exc:
-            self._reject(entry.name, "draining")
+            self.reject(entry.name, "draining")
             raise ServiceError(503, str(exc), {"retry-after": "1"}) from None
-        finally:
-            self.deadlines.finish(key)
 
     # -- v1 -----------------------------------------------------------------------------
     async def v1_predict(
@@ -132,7 +120,7 @@ class Service:
             )
         except ServiceError as exc:
             if exc.status in (400, 413, 415):
-                self._reject(name, "too_large" if exc.status == 413 else "bad_request")
+                self.reject(name, "too_large" if exc.status == 413 else "bad_request")
             return Reply.error(exc, name)
 
     # -- v2 -----------------------------------------------------------------------------
@@ -167,7 +155,7 @@ class Service:
             return Reply(200, body_out, out_headers, name)
         except ServiceError as exc:
             if exc.status in (400, 413, 415, 422):
-                self._reject(name, "too_large" if exc.status == 413 else "bad_request")
+                self.reject(name, "too_large" if exc.status == 413 else "bad_request")
             return Reply.error(exc, name)
 
     def _v2_input(self, request: Any, spec: ModelSpec) -> np.ndarray:

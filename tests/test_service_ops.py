@@ -270,3 +270,16 @@ def test_a_sequence_model_is_served_end_to_end(sequence_repository, server_facto
     assert flat.status_code == 400 and "[rows, steps, 1]" in flat.json()["error"]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'kanmoe_expert_gate_weight_count{expert="expert_0",layer="moe",model="seq"' in metrics
+
+
+def test_a_request_that_waits_past_its_deadline_gets_503(server_factory):
+    server = server_factory(
+        "model_repository", "--request-timeout-s", "0.3", "--max-delay-ms", "1000"
+    )
+    r = _predict(server)  # waits for a batch that holds off for 1 s: past the 0.3 s deadline
+    assert r.status_code == 503 and "no result within 0.3 s" in r.json()["error"]
+    assert r.headers["retry-after"] == "1"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'kanmoe_rejected_total{{model="{DEFAULT_MODEL}",reason="timeout"}} 1.0' in metrics
+    time.sleep(1.2)  # the abandoned row still ran; the server is healthy afterwards
+    assert httpx.get(server.url + "/v2/health/ready").status_code == 200
