@@ -148,12 +148,34 @@ def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
     return model
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(graph: onnx.GraphProto) -> None:
+    """Remove the exporter's per-node Python stack traces (in place, subgraphs too).
+
+    They name source files and line numbers of the machine that exported, so any edit to
+    kanmoe's source changed the bytes of an otherwise identical model.
+    """
+    for node in graph.node:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                drop_stack_traces(attr.g)
+            for sub in attr.graphs:
+                drop_stack_traces(sub)
+
+
 def finish_model(
     model: onnx.ModelProto, metadata: Mapping[str, str], layout: str = "cardinal"
 ) -> onnx.ModelProto:
     """Merge shared lookups, attach function bodies, pin IR, set metadata, check (in place)."""
     merge_shared_lookups(model)
     onnx_ops.attach_functions(model, layout=layout)
+    drop_stack_traces(model.graph)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, dict(metadata))
     model.producer_name = "kanmoe"
