@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: help venv install install-dev system-deps serve test test-reliability lint format bench bench-kan bench-onnx \
-        bench-serve paper-tables default-model export-default clean
+        bench-serve bench-triton paper-tables default-model export-default clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,11 @@ bench-serve: $(VENV)/.installed-dev  ## serving req/s and latency (wrk): kanmoe 
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk \
 		|| echo "note: wrk could not be installed (apt-get install wrk); benchmarks/serving.py falls back to an httpx load generator"
 	$(PY) benchmarks/serving.py
+
+bench-triton: $(VENV)/.installed-dev  ## kanmoe serve vs Triton (+ FastAPI baseline, HTTP floor) at c=1/16/64/256: RESULTS.md, plots, py-spy profile
+	$(PY) benchmarks/triton_peer.py setup --if-missing
+	$(PY) benchmarks/triton_peer.py bench
+	$(PY) benchmarks/triton_peer.py profile
 
 paper-tables: $(VENV)/.installed-dev  ## reproduce the KAMoE paper's California Housing table (3 seeds)
 	$(PY) benchmarks/paper_tables.py

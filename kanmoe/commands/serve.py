@@ -46,6 +46,20 @@ def _parameters() -> list[inspect.Parameter]:
                 name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None
             )
         )
+    ray_options = (
+        ("ray", bool, typer.Option(False, "--ray", help="serve as a Ray Serve application: "
+         "--replicas processes, each with its own ORT session and batcher, behind Ray's proxy "
+         "on --host/--port (pip install 'kanmoe[ray]'; docs/scaling.md)")),
+        ("replicas", int, typer.Option(2, "--replicas", min=1, help="Ray Serve replicas (--ray)")),
+        ("replica_cpus", float, typer.Option(1.0, "--replica-cpus", min=0.0,
+         help="Ray CPUs per replica (--ray; fractions share a core)")),
+        ("ray_address", str | None, typer.Option(None, "--ray-address",
+         help="join this Ray cluster (--ray; default: start a local one)")),
+    )  # fmt: skip
+    for name, kind, option in ray_options:
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        )
     return params
 
 
@@ -56,6 +70,8 @@ def register(app: typer.Typer) -> None:
 
         from kanmoe.service.settings import ServeSettings
 
+        use_ray, replicas = given.pop("ray"), given.pop("replicas")
+        replica_cpus, ray_address = given.pop("replica_cpus"), given.pop("ray_address")
         values = {k: v for k, v in given.items() if v is not None}
         if isinstance(values.get("cors_origins"), str):
             values["cors_origins"] = [
@@ -71,6 +87,17 @@ def register(app: typer.Typer) -> None:
         if not settings.repository.is_dir():
             typer.echo(f"error: --repository {settings.repository} is not a directory", err=True)
             sys.exit(2)
+        if use_ray:
+            from kanmoe.errors import KanmoeError
+
+            try:
+                from kanmoe.service.ray_app import run as run_ray
+
+                run_ray(settings, replicas, num_cpus=replica_cpus, address=ray_address)
+            except KanmoeError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            return
         from kanmoe.service.server import serve as run_server
 
         run_server(settings)
