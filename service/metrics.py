@@ -61,7 +61,7 @@ METRIC_DOCS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("kanmoe_queue_depth", "gauge", _MV,
      "Rows waiting in the micro-batcher queue."),
     ("kanmoe_rejected_total", "counter", ("model", "reason"),
-     "Requests refused before inference (queue_full, draining, not_ready, too_large, ...)."),
+     "Requests refused: queue_full, draining, not_ready, too_large, bad_request, timeout."),
     ("kanmoe_rows_total", "counter", _MV,
      "Rows (instances) served."),
     ("kanmoe_expert_gate_weight", "histogram", (*_MV, "layer", "expert"),
@@ -88,6 +88,8 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    5.0, 10.0)
 # fmt: on
 UNKNOWN_MODEL = "_unknown"
+# The reasons the service refuses a request with (kanmoe_rejected_total{reason}).
+REJECTION_REASONS = ("queue_full", "draining", "not_ready", "too_large", "bad_request", "timeout")
 _DOCS = {name: (kind, labels, text) for name, kind, labels, text in METRIC_DOCS}
 _KINDS = {
     "histogram": HistogramMetricFamily,
@@ -338,6 +340,11 @@ class ServiceMetrics:
             old = self._versions.get((spec.name, spec.version))
             if old is None:
                 self._models[spec.name] = self._models.get(spec.name, 0) + 1
+                # Every reason at zero from the first scrape, so rate() sees the first refusal
+                # (a series born at 1 has no earlier sample to rise from).
+                for reason in REJECTION_REASONS:
+                    self._rejection_series.setdefault(spec.name, set()).add(reason)
+                    self._rejected.labels(spec.name, reason)
             elif _same_series(old.spec, spec):
                 old.spec, old.providers = spec, state.providers
                 return

@@ -318,7 +318,8 @@ def test_remove_model_drops_its_series_and_ignores_late_batches():
     assert 'version="1"' in body  # other/1 is still there
     assert not [s for s in body.splitlines() if 'model="m"' in s and 'version="1"' in s]
     # The model keeps its request/rejection series while a version is loaded...
-    assert value(metrics, "kanmoe_rejected_total", model="m") == 2
+    assert value(metrics, "kanmoe_rejected_total", model="m", reason="queue_full") == 2
+    assert value(metrics, "kanmoe_rejected_total", model="m", reason="timeout") == 0
     metrics.remove_model("m", "2")
     metrics.remove_model("m", "2")  # twice: a no-op
     body = metrics.render()[0].decode()
@@ -458,3 +459,13 @@ def test_buffered_batches_fold_in_order_past_the_threshold_and_on_scrape():
     live = w[-500:].astype(np.float64).mean(0)
     want = jensenshannon(live / live.sum(), np.asarray(REFERENCE), base=2) ** 2
     assert value(metrics, "kanmoe_gate_drift", **lab) == pytest.approx(want, rel=1e-6)
+
+
+def test_rejection_series_start_at_zero_for_every_reason():
+    """rate() needs a sample before the first refusal: each reason exists at 0 on load."""
+    from kanmoe.service.metrics import REJECTION_REASONS
+
+    metrics, spec = ServiceMetrics(), make_spec()
+    metrics.add_model(spec, ["CPUExecutionProvider"])
+    for reason in REJECTION_REASONS:
+        assert value(metrics, "kanmoe_rejected_total", model="m", reason=reason) == 0
