@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kanmoe.model.config import TrainConfig
+from kanmoe.model.distributed import all_sum, average_gradients, is_main, rank_and_world
 from kanmoe.model.run import (
     atomic_save,
     predict_raw,
@@ -128,6 +129,7 @@ class Trainer:
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
         self.start_epoch = 0
+        self.rank, self.world = rank_and_world()
 
     def _make_scheduler(self):
         c = self.cfg
@@ -165,7 +167,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.rank == 0:
             state = self.state()
             atomic_save(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -228,22 +230,40 @@ class Trainer:
         try:
             for i in range(0, len(x), c.batch_size):
                 idx = perm[i : i + c.batch_size]
-                total += self._train_step(x[idx], y[idx], expert_out) * len(idx)
-                n += len(idx)
+                if self.world > 1:  # this rank's slice; weight = its share of the batch
+                    share = idx[self.rank :: self.world]
+                    weight = len(share) * self.world / len(idx)
+                    total += self._train_step(x[share], y[share], expert_out, weight) * len(share)
+                    n += len(share)
+                else:
+                    total += self._train_step(x[idx], y[idx], expert_out) * len(idx)
+                    n += len(idx)
         finally:
             for handle in handles:
                 handle.remove()
+        if self.world > 1:
+            total, n = all_sum(total, n)
         return total / max(1, n)
 
-    def _train_step(self, xb: Tensor, yb: Tensor, expert_out: list[Tensor]) -> float:
-        """One optimiser step; returns the data loss. ``expert_out`` is filled by hooks."""
+    def _train_step(
+        self, xb: Tensor, yb: Tensor, expert_out: list[Tensor], weight: float = 1.0
+    ) -> float:
+        """One optimiser step; returns the data loss. ``expert_out`` is filled by hooks.
+
+        ``weight``: this rank's share of a data-parallel batch (see kanmoe.model.distributed).
+        """
         c = self.cfg
         expert_out.clear()
+        if len(xb) == 0:  # no rows of a short last batch here: join the step with zero grads
+            self.opt.zero_grad(set_to_none=True)
+            average_gradients(self.model.parameters(), self.world)
+            self._clip_and_step()
+            return 0.0
         data_loss = self.loss_fn(self.model(xb), yb)
-        loss = data_loss
+        loss = data_loss * weight
         if expert_out:
             per_expert = torch.stack([self.loss_fn(out, yb) for out in expert_out])
-            loss = loss + c.expert_loss_weight * per_expert.mean()
+            loss = loss + c.expert_loss_weight * per_expert.mean() * weight
         if c.aux_loss_weight > 0:
             loss = loss + c.aux_loss_weight * aux_loss(self.model)
         if c.kan_reg_weight > 0:
@@ -254,12 +274,18 @@ class Trainer:
             loss = loss + c.kan_smooth_weight * kan_smoothness(self.model)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            average_gradients(self.model.parameters(), self.world)
+        self._clip_and_step()
+        return float(data_loss.detach())
+
+    def _clip_and_step(self) -> None:
+        c = self.cfg
         if c.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
         if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
             self.scheduler.step()
-        return float(data_loss.detach())
 
     def _warmup_lr(self, epoch: int) -> None:
         if self.cfg.scheduler == "onecycle":
@@ -279,7 +305,7 @@ class Trainer:
             initial=self.start_epoch,
             desc="train",
             unit="ep",
-            disable=not progress_enabled(c.progress),
+            disable=not progress_enabled(c.progress) or self.rank != 0,
             leave=False,
         )
         try:
@@ -353,17 +379,14 @@ def train_run(
     write_plots: bool = True,
 ):
     """Train ``cfg`` (a ``RunConfig``) into ``out_dir``; returns (ServableModel, metrics)."""
-    import json
-
-    import yaml
 
     from kanmoe.errors import RunDirError
     from kanmoe.model.builder import build_model
     from kanmoe.model.data import load_dataset
     from kanmoe.model.features import fit_feature_layers
-    from kanmoe.model.run import atomic_write_text, save_weights, servable_from_prep
 
     out = Path(out_dir)
+    main = is_main()
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a directory")
     ckpt = out / CHECKPOINT
@@ -386,6 +409,25 @@ def train_run(
         cfg.model, data.n_features, data.n_targets, data.seq_len, prep.feature_names
     )
     fit_feature_layers(model, tensors["train"][0])
+    if main:
+        _prepare_run_dir(out, cfg, prep, resume)
+    steps = math.ceil(len(tensors["train"][0]) / cfg.train.batch_size)
+    trainer = Trainer(
+        model, cfg.train, seed=cfg.seed, run_dir=out, callbacks=callbacks, steps_per_epoch=steps
+    )
+    if resume:
+        trainer.load_checkpoint(ckpt)
+    result = trainer.fit(*tensors["train"], *tensors["val"])
+    if not main:  # every rank holds the same weights; rank 0 writes them
+        return None, {}
+    return _finish_run(out, cfg, model, data, prep, result, write_plots)
+
+
+def _prepare_run_dir(out: Path, cfg, prep, resume: bool) -> None:
+    import yaml
+
+    from kanmoe.model.run import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run: drop the artefacts of whatever run was here before
         for name in (CHECKPOINT, "weights.safetensors", "metrics.json", "history.csv"):
@@ -394,13 +436,14 @@ def train_run(
             png.unlink()
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_text(out / "preprocessing.json", prep.to_json())
-    steps = math.ceil(len(tensors["train"][0]) / cfg.train.batch_size)
-    trainer = Trainer(
-        model, cfg.train, seed=cfg.seed, run_dir=out, callbacks=callbacks, steps_per_epoch=steps
-    )
-    if resume:
-        trainer.load_checkpoint(ckpt)
-    result = trainer.fit(*tensors["train"], *tensors["val"])
+
+
+def _finish_run(out: Path, cfg, model, data, prep, result, write_plots: bool):
+    """Weights, metrics on every split, history and plots of a finished run (rank 0)."""
+    import json
+
+    from kanmoe.model.run import atomic_write_text, save_weights, servable_from_prep
+
     save_weights(model, out / "weights.safetensors")
     servable = servable_from_prep(
         model, prep, seq_len=data.seq_len, config=cfg.to_dict(), config_hash=cfg.config_hash()

@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
         seed: int = typer.Option(None, "--seed", help="override the config's seed"),
+        distributed: int = typer.Option(
+            1, "--distributed", min=1, help="data-parallel processes on this machine (gloo)"
+        ),
     ) -> None:
         """Train a model from a YAML config into a run dir (weights, metrics, plots)."""
         cfg = _load(config, set_, seed, out, resume)
@@ -46,7 +49,18 @@ def register(app: typer.Typer) -> None:
 
         run_dir = out or Path("runs") / cfg.name
         try:
-            _, metrics = train_run(cfg, run_dir, resume=resume)
+            if distributed > 1:
+                from kanmoe.model.distributed import spawn
+
+                spawn(distributed, train_run, cfg, run_dir, resume)
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                from kanmoe.model.distributed import join_from_env
+
+                joined = join_from_env()  # under torchrun: this process is one rank
+                _, metrics = train_run(cfg, run_dir, resume=resume)
+                if joined and not metrics:
+                    return  # not rank 0: rank 0 prints the summary
         except KeyboardInterrupt:
             typer.echo(_interrupted_message(run_dir), err=True)
             sys.exit(130)  # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
