@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from kanmoe.service.deadlines import DeadlineSweeper
 from kanmoe.service.handlers import Reply, Service, error_body
 from kanmoe.service.settings import ServeSettings
 
@@ -66,7 +67,7 @@ class FrontDoor:
     def __init__(self, app: Any, service: Service, settings: ServeSettings, metrics: Any) -> None:
         self.app = app
         self.service = service
-        self.deadlines = service.deadlines
+        self.deadlines = DeadlineSweeper()
         self.settings = settings
         self.metrics = metrics
         self.token = (

@@ -15,7 +15,6 @@ import orjson
 
 from kanmoe.service import v2_codec
 from kanmoe.service.batcher import Draining, Outputs, QueueFull
-from kanmoe.service.deadlines import DeadlineSweeper
 from kanmoe.service.errors import ServiceError, bad_request
 from kanmoe.service.model_spec import INPUT_NAME, ModelSpec
 from kanmoe.service.settings import ServeSettings
@@ -70,7 +69,6 @@ class Service:
         self.store = store
         self.metrics = metrics
         self.draining = False
-        self.deadlines = DeadlineSweeper()
         # Open client connections, when the server can tell (uvicorn's state, set by
         # kanmoe.service.server); unknown means "assume others", so nothing runs inline.
         self.connections: Callable[[], int] = lambda: 2
@@ -91,6 +89,13 @@ class Service:
     def reject(self, model: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.observe_rejection(model, reason)
+
+    def _refused(self, name: str, exc: ServiceError) -> Reply:
+        """The error reply; a refusal of the request itself is counted by its reason (429/503
+        were counted where they were raised)."""
+        if exc.status in (400, 413, 415, 422):
+            self.reject(name, "too_large" if exc.status == 413 else "bad_request")
+        return Reply.error(exc, name)
 
     async def run(self, entry: LoadedVersion, x: np.ndarray) -> Outputs:
         """Through the version's batcher; the caller (the front door) bounds the wait."""
@@ -119,9 +124,7 @@ class Service:
                 200, encode_v1_response(spec, entry.version, outputs), {"content-type": JSON}, name
             )
         except ServiceError as exc:
-            if exc.status in (400, 413, 415):
-                self.reject(name, "too_large" if exc.status == 413 else "bad_request")
-            return Reply.error(exc, name)
+            return self._refused(name, exc)
 
     # -- v2 -----------------------------------------------------------------------------
     async def v2_infer(
@@ -154,9 +157,7 @@ class Service:
             )
             return Reply(200, body_out, out_headers, name)
         except ServiceError as exc:
-            if exc.status in (400, 413, 415, 422):
-                self.reject(name, "too_large" if exc.status == 413 else "bad_request")
-            return Reply.error(exc, name)
+            return self._refused(name, exc)
 
     def _v2_input(self, request: Any, spec: ModelSpec) -> np.ndarray:
         names = list(request.inputs)

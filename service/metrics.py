@@ -236,18 +236,12 @@ class _VersionMetrics:
         self.pending, self.pending_rows = [], 0
         return batches, rows
 
-    def range_stats(self, raw_inputs: np.ndarray, rows: int) -> list[tuple[int, np.ndarray]]:
+    def range_stats(self, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """``(side, rows out per feature)`` for each side (0 below, 1 above) with any row out;
-        empty without ranges or when every value is inside (the common, cheap case)."""
+        empty without ranges or when every value is inside (the common, cheap case).
+        ``x`` was shape-checked by ``observe_batch``."""
         if self.low is None:
             return []
-        x = np.asarray(raw_inputs)
-        n = len(self.low)
-        if x.ndim not in (2, 3) or x.shape[0] != rows or x.shape[-1] != n:
-            raise ValueError(
-                f"observe_batch: raw inputs have shape {x.shape}, "
-                f"expected ({rows}, {n}) or ({rows}, T, {n})"
-            )
         out = []
         for side, outside in enumerate((x < self.low, x > self.high)):
             if outside.any():
@@ -297,9 +291,7 @@ class _BatchCollector:
             for version in owner._versions.values():
                 owner._fold(version, *version.take_pending())
                 version.emit(fam)
-            requests = fam["kanmoe_request_duration_seconds"] = _family(
-                "kanmoe_request_duration_seconds"
-            )
+            requests = fam["kanmoe_request_duration_seconds"]
             for labels, counts in owner._request_counts.items():
                 counts.emit(requests, list(labels))
         return list(fam.values())
@@ -471,7 +463,7 @@ class ServiceMetrics:
                 else [b[0] for b in batches]
             )
             for x in groups:
-                out_of_range += state.range_stats(x, x.shape[0])
+                out_of_range += state.range_stats(x)
         with self._lock:
             for layer, w, stats in per_layer:
                 layer.apply(w, stats)

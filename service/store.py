@@ -248,10 +248,8 @@ class ModelStore:
         gates = spec.gates
 
         def hook(x: np.ndarray, outputs: Outputs, seconds: float) -> None:
-            weights = {}
-            for g in gates:
-                w = outputs[g.output]
-                weights[g.layer] = w[:, -1, :] if w.ndim == 3 else w
+            # (rows, T, E) gates of sequence models are read at the last step by the metrics
+            weights = {g.layer: outputs[g.output] for g in gates}
             metrics.observe_batch(spec, int(x.shape[0]), seconds, x, weights)
 
         return hook
