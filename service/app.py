@@ -62,12 +62,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
     store = service.store
 
     async def load_repository() -> None:
-        try:
-            await store.load_all()
-        except Exception as exc:  # a missing repository must not kill the process
-            store.load_error = str(exc)
-            log.error("model repository not loaded: %s", exc)
-        store.loaded = True
+        await store.load_all()
         # The loaded sessions, specs and imports live until exit: move them out of the
         # collector's way so full collections under load scan only request garbage.
         gc.collect()

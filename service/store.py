@@ -161,8 +161,19 @@ class ModelStore:
         )
 
     async def load_all(self) -> None:
-        for name in self.scan():
-            await self.load(name)
+        """First load of the whole repository; ``loaded`` (and ``load_error``) record the end.
+
+        A missing or unreadable repository is recorded, not raised: the process stays up,
+        live but not ready, and says why.
+        """
+        try:
+            for name in self.scan():
+                await self.load(name)
+        except Exception as exc:  # whatever went wrong, the process must stay up and say it
+            self.load_error = str(exc)
+            log.error("model repository not loaded: %s", exc)
+        finally:
+            self.loaded = True
 
     async def load(self, name: str) -> list[LoadedVersion]:
         """(Re)load ``name`` from disk: new or changed versions load, vanished ones unload."""
