@@ -70,12 +70,18 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Load in the background: liveness answers at once, readiness once every model
-        # has loaded and run its warm-up batch.
-        loading = asyncio.create_task(load_repository())
+        # One process: load in the background, so liveness answers at once and readiness
+        # once every model has loaded and run its warm-up batch. Several worker processes
+        # share one listening socket: each loads before it starts accepting, so a worker
+        # still loading never takes a connection its loaded siblings could have answered.
+        loading: asyncio.Task[None] | None = None
+        if settings.workers > 1:
+            await load_repository()
+        else:
+            loading = asyncio.create_task(load_repository())
         yield
         service.draining = True
-        if not loading.done():
+        if loading is not None and not loading.done():
             loading.cancel()
         await store.close()
 

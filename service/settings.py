@@ -22,7 +22,12 @@ class ServeSettings(BaseSettings):
     repository: Path = Field(Path("model_repository"), description="model repository root")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
-    workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes; each loads every model before it accepts connections",
+    )
     providers: ProviderName = Field(
         "auto", description="ONNX Runtime providers: auto (CUDA first when present), cuda, cpu"
     )

@@ -105,6 +105,8 @@ class ModelStore:
     def get(self, name: str, version: str | None = None) -> LoadedVersion:
         """The version asked for, or the newest READY one; NotFound / NotReady otherwise."""
         versions = self.models.get(name)
+        if not versions and not self.loaded:  # it may yet appear: "not yet", not "no such"
+            raise NotReady(f"the model repository is still loading; model {name!r} not yet")
         if not versions:
             raise NotFound(
                 f"unknown model {name!r}; models: {', '.join(self.model_names()) or 'none'}"

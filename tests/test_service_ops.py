@@ -3,6 +3,7 @@ GPU requirement and a sequence model, each against a real ``kanmoe serve`` proce
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -17,6 +18,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from kanmoe.service.settings import ServeSettings
+from kanmoe.service.store import ModelStore, NotFound, NotReady
 from tests.serving import DEFAULT_MODEL, copy_repository, wait_until_ready
 
 ROW = [8.3252, 41.0, 6.984, 1.024, 322.0, 2.556, 37.88, -122.23]
@@ -42,6 +45,20 @@ def test_readiness_is_false_until_every_version_has_warmed_up(tmp_path, server_f
     models = httpx.get(server.url + "/v1/models").json()["models"]
     assert len(models[0]["versions"]) == 24
     assert all(v["state"] == "READY" for v in models[0]["versions"])
+
+
+def test_a_model_asked_for_before_the_first_load_ends_is_503_not_404(tmp_path):
+    """A client (or a worker process) early on must hear "not yet", not "no such model"."""
+    store = ModelStore(ServeSettings(repository=copy_repository(tmp_path / "repo")))
+    with pytest.raises(NotReady, match="still loading"):
+        store.get(DEFAULT_MODEL)
+    asyncio.run(store.load_all())
+    try:
+        assert store.get(DEFAULT_MODEL).ready
+        with pytest.raises(NotFound, match="unknown model 'nope'"):
+            store.get("nope")
+    finally:
+        asyncio.run(store.close())
 
 
 def _onnx_with_input_named(path: Path, name: str) -> None:
