@@ -213,8 +213,14 @@ class MoE(nn.Module):
             return x[:, -1]
         return x.flatten(1)
 
-    def forward(self, x: Tensor, return_gates: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``x`` (B, F) or (B, T, F) -> y, or (y, weights) with ``return_gates``."""
+    def forward(
+        self, x: Tensor, return_gates: bool = False, return_experts: bool = False
+    ) -> Tensor | tuple[Tensor, ...]:
+        """``x`` (B, F) or (B, T, F) -> y, or (y, weights) with ``return_gates``.
+
+        ``return_experts`` adds each expert's own output, ``(B, [T,] E, O)``: what an
+        explanation shows next to the weights (y is their weighted sum over E).
+        """
         if self.input_weight is not None:
             x = x * self.input_weight
         gate_x = self._gate_view(x)
@@ -226,6 +232,8 @@ class MoE(nn.Module):
         for _ in range(outs.dim() - weights.dim()):  # (B, [T,] E) -> (B, [T,] 1.., E)
             w = w.unsqueeze(-2)
         y = (outs * w).sum(dim=-1)
+        if return_experts:
+            return y, weights, outs.transpose(-1, -2)
         return (y, weights) if return_gates else y
 
     def __getstate__(self) -> dict[str, Any]:
@@ -286,20 +294,23 @@ class GatedSequential(nn.Sequential):
         return _unique([m.name or "moe" for m in self if isinstance(m, MoE)])
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, return_gates: bool = False
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        if not return_gates:
+        self, x: Tensor, return_gates: bool = False, return_experts: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]] | tuple[Tensor, dict, dict]:
+        """``return_experts`` adds ``{name: (B, [T,] E, O)}`` per-expert outputs."""
+        if not (return_gates or return_experts):
             for module in self:
                 x = module(x)
             return x
         names = iter(self.gate_names())
         gates: dict[str, Tensor] = {}
+        experts: dict[str, Tensor] = {}
         for module in self:
             if isinstance(module, MoE):
-                x, gates[next(names)] = module(x, return_gates=True)
+                name = next(names)
+                x, gates[name], experts[name] = module(x, return_experts=True)
             else:
                 x = module(x)
-        return x, gates
+        return (x, gates, experts) if return_experts else (x, gates)
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:

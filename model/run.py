@@ -134,6 +134,41 @@ def forward_with_gates(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, T
     return y, {str(getattr(model, "name", None) or "moe"): gates}
 
 
+def forward_with_experts(
+    model: nn.Module, x: Tensor
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """(y, {layer: weights}, {layer: per-expert outputs (B, [T,] E, O)}); ``{}`` without MoE."""
+    from kanmoe.model.moe import MoE
+
+    if isinstance(model, MoE):
+        y, weights, outs = model(x, return_experts=True)
+        name = str(model.name or "moe")
+        return y, {name: weights}, {name: outs}
+    try:
+        accepts = "return_experts" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if not accepts:
+        y, gates = forward_with_gates(model, x)
+        return y, gates, {}
+    return model(x, return_experts=True)
+
+
+def final_moe_name(model: nn.Module) -> str | None:
+    """The MoE layer whose weighted sum *is* the network's output, if there is one.
+
+    Only then do per-expert outputs add up to the prediction, so only then can an
+    explanation split the prediction into per-expert contributions.
+    """
+    from kanmoe.model.moe import GatedSequential, MoE
+
+    if isinstance(model, MoE):
+        return str(model.name or "moe")
+    if isinstance(model, GatedSequential) and len(model) and isinstance(model[-1], MoE):
+        return model.gate_names()[-1]
+    return None
+
+
 def expert_names_of(model: nn.Module) -> dict[str, list[str]]:
     try:
         from kanmoe.model.moe import moe_layers
@@ -192,14 +227,38 @@ class ServableModel(nn.Module):
         self.expert_names = expert_names_of(model)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        out, gates = forward_with_gates(self.model, self._standardize(x))
+        return self._to_raw(out), gates
+
+    def _standardize(self, x: Tensor) -> Tensor:
         z = (x - self.x_mean) / self.x_std
-        if self.input_clip is not None:
-            z = torch.clamp(z, -self.input_clip, self.input_clip)
-        out, gates = forward_with_gates(self.model, z)
+        return z if self.input_clip is None else torch.clamp(z, -self.input_clip, self.input_clip)
+
+    def _to_raw(self, out: Tensor) -> Tensor:
         y = out * self.y_std + self.y_mean
-        if self.log_target:
-            y = torch.expm1(y)
-        return y, gates
+        return torch.expm1(y) if self.log_target else y
+
+    def forward_explained(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """``forward`` plus each MoE layer's per-expert outputs ``(B, [T,] E, O)``.
+
+        The final MoE layer's (see :func:`final_moe_name`) are mapped to raw target units
+        like ``y``: each expert's own prediction. Other layers' are hidden activations.
+        """
+        out, gates, experts = forward_with_experts(self.model, self._standardize(x))
+        final = final_moe_name(self.model)
+        if final in experts and experts[final].shape[-1] == len(self.target_names):
+            experts = {**experts, final: self._to_raw(experts[final])}
+        return self._to_raw(out), gates, experts
+
+    def explain_offset(self) -> list[float] | None:
+        """Per-target offset with ``y = offset + sum_e gate_e * (expert_e - offset)``.
+
+        That split is exact only when the final MoE's sum is mapped to raw units linearly;
+        None otherwise (log targets, no final MoE).
+        """
+        if self.log_target or final_moe_name(self.model) is None:
+            return None
+        return [float(v) for v in self.y_mean]
 
 
 def build_servable(
