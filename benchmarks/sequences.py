@@ -1,0 +1,450 @@
+"""Sequence benchmark: a minimal paper-recipe GRU against kanmoe's sequence models.
+
+Two data sets that ship or are generated, so anyone can rerun this offline:
+
+- ``msft``: daily Microsoft volume 1986-2017 from the ``pmdarima`` wheel (``load_msft()``),
+  target Volume, features Volume, |log return| and the high-low range over the close, each
+  divided by its rolling 63-day median (one quarter) shifted by the horizon.
+- ``regimes``: kanmoe's seeded regime-switching generator (``kanmoe.model.regimes``), three
+  series of 1,500 steps, MinMax-scaled; the true regime scores the gates (normalised mutual
+  information between the routed expert at a window's last step and the regime there).
+
+Models, same data, windows, split (chronological 64/16/20) and epoch cap: ``GRU (minimal)``,
+written here with the KAMoE paper's recipe (Adam 1e-3, batch 128, MSE, early stopping with
+patience 10 and best weights restored, no scheduler, no clipping), and kanmoe's ``GRU``,
+``LSTM``, ``MoE_GRU`` (GRN gate), ``KAMoE_GRU`` and ``KAMoE_LSTM`` (GRKAN gate) trained by
+kanmoe's ``Trainer`` with the shipped ``configs/sequence_kamoe_gru.yaml`` train section.
+
+Run from the repo root: ``python benchmarks/sequences.py`` (``make bench-seq``) writes the
+``sequences`` section of RESULTS.md; ``--quick`` is a smoke run (seconds) that writes nothing
+unless ``--write`` is given. ``--set train.x=...`` overrides the kanmoe config (ablations);
+``--json`` keeps every run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # sibling module: the script runs as a file, not as a package
+
+from kanmoe.model.config import (
+    ModelConfig,
+    SequenceData,
+    TrainConfig,
+    apply_overrides,
+    read_yaml,
+    validate_config,
+)
+from kanmoe.model.data import Dataset, load_sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "configs" / "sequence_kamoe_gru.yaml"
+REFERENCE = "GRU (minimal)"
+MODELS = {  # name -> model config fields over the shipped config's model section
+    REFERENCE: None,
+    "GRU": {"kind": "rnn", "expert": "gru"},
+    "LSTM": {"kind": "rnn", "expert": "lstm"},
+    "MoE_GRU": {"kind": "moe", "expert": "gru", "gate": "grn", "input_transform": False},
+    "KAMoE_GRU": {"kind": "kamoe", "expert": "gru", "gate": "grkan"},
+    "KAMoE_LSTM": {"kind": "kamoe", "expert": "lstm", "gate": "grkan"},
+}
+
+
+# -- data ------------------------------------------------------------------------------------
+def msft_frame() -> pd.DataFrame:
+    """Long-format daily MSFT frame from the pmdarima wheel (no download)."""
+    from pmdarima.datasets import load_msft
+
+    raw = load_msft()
+    close = raw["Close"].astype(float)
+    return pd.DataFrame(
+        {
+            "time": raw["Date"].astype(str),
+            "series": "msft",
+            "Volume": raw["Volume"].astype(float),
+            "abs_return": np.abs(np.log(close).diff()).fillna(0.0),
+            "hl_range": (raw["High"] - raw["Low"]) / close,
+        }
+    )
+
+
+def regimes_frame(quick: bool) -> pd.DataFrame:
+    from kanmoe.model.regimes import generate
+
+    return generate(n_series=3, n_steps=400 if quick else 1500, seed=0)
+
+
+def data_config(name: str, path: Path, horizon: int, lookback: int | None) -> SequenceData:
+    common = {"path": str(path), "horizon": horizon, "lookback": lookback or "auto"}
+    if name == "msft":
+        return SequenceData(
+            **common,
+            target="Volume",
+            features=["Volume", "abs_return", "hl_range"],
+            normalization="rolling_median",
+            window=63,
+        )
+    return SequenceData(
+        **common, target="value", features=["value", "abs_change", "range"], normalization="minmax"
+    )
+
+
+@dataclass
+class Prepared:
+    data: Dataset
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    regime_last: np.ndarray | None  # true regime at each test window's last step
+
+
+def prepare(name: str, frame: pd.DataFrame, workdir: Path, horizon: int, lookback) -> Prepared:
+    path = workdir / f"{name}.csv"
+    if not path.exists():
+        frame.to_csv(path, index=False, float_format="%.9g")
+    cfg = data_config(name, path, horizon, lookback)
+    data = load_sequence(cfg)
+    prep = data.prep
+    tensors = {
+        part: (
+            torch.from_numpy(prep.scale_x(data.x[part])),
+            torch.from_numpy(prep.scale_y(data.y[part])),
+        )
+        for part in ("train", "val", "test")
+    }
+    regime_last = None
+    if "regime" in frame.columns:  # same windows (minmax keeps every row): read the labels
+        labels = load_sequence(
+            cfg.model_copy(update={"features": ["regime"], "normalization": "none"})
+        )
+        regime_last = labels.x["test"][:, -1, 0].astype(int)
+    return Prepared(data, tensors, regime_last)
+
+
+# -- the reference: a minimal GRU with the paper's recipe ---------------------------------------
+class MinimalGRU(nn.Module):
+    """GRU(h, sequences) -> GRU(h) -> Linear(horizon): the paper's plain GRU model."""
+
+    def __init__(self, n_in: int, hidden: list[int], n_out: int) -> None:
+        super().__init__()
+        widths = [n_in, *hidden]
+        self.rnns = nn.ModuleList(
+            nn.GRU(a, b, batch_first=True) for a, b in itertools.pairwise(widths)
+        )
+        self.head = nn.Linear(widths[-1], n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for rnn in self.rnns:
+            x, _ = rnn(x)
+        return self.head(x[:, -1])
+
+
+def fit_minimal(model: nn.Module, p: Prepared, seed: int, max_epochs: int) -> dict:
+    """Adam 1e-3, batch 128, MSE, early stopping (patience 10) restoring the best weights."""
+    (xt, yt), (xv, yv) = p.tensors["train"], p.tensors["val"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = nn.MSELoss()
+    best, best_state, bad, epochs = math.inf, None, 0, 0
+    started = time.perf_counter()
+    for _ in range(max_epochs):
+        model.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+        epochs += 1
+        model.eval()
+        with torch.no_grad():
+            val = float(loss_fn(model(xv), yv))
+        if val < best:
+            best, best_state, bad = val, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= 10:
+                break
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    return {"epochs": epochs, "seconds": seconds}
+
+
+# -- kanmoe's models through its own trainer --------------------------------------------------
+def kanmoe_configs(
+    model_name: str, hidden: list[int], max_epochs: int, overrides: list[str]
+) -> tuple[ModelConfig, TrainConfig]:
+    """The shipped config with ``model_name``'s model fields, then ``overrides`` on top."""
+    raw = read_yaml(SHIPPED)
+    raw["model"] = {**raw["model"], **MODELS[model_name], "hidden": hidden}
+    if raw["model"]["kind"] == "rnn":  # MoE-only fields off for the plain RNN
+        raw["model"] = {
+            k: v for k, v in raw["model"].items() if k not in ("gate", "input_transform")
+        }
+    cfg = validate_config(apply_overrides(raw, overrides), source=str(SHIPPED))
+    train_cfg = cfg.train.model_copy(
+        update={"epochs": min(cfg.train.epochs, max_epochs), "progress": False}
+    )
+    return cfg.model, train_cfg
+
+
+def fit_kanmoe(model: nn.Module, train_cfg: TrainConfig, p: Prepared, seed: int) -> dict:
+    from kanmoe.model.training import Trainer
+
+    xt = p.tensors["train"][0]
+    steps = math.ceil(len(xt) / train_cfg.batch_size)
+    trainer = Trainer(model, train_cfg, seed=seed, steps_per_epoch=steps)
+    result = trainer.fit(*p.tensors["train"], *p.tensors["val"])
+    return {
+        "epochs": result.epochs,
+        "seconds": result.train_seconds,
+        "best_epoch": result.best_epoch,
+    }
+
+
+def r2(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """R² over all horizon steps (mean over targets); scale-free, so scaled units are fine."""
+    from kanmoe.model.run import regression_metrics
+
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + 4096]) for i in range(0, len(x), 4096)])
+    return regression_metrics(y.double().numpy(), pred.double().numpy())["r2"]
+
+
+def routed_nmi(model: nn.Module, p: Prepared) -> float | None:
+    """NMI between the argmax expert at each test window's last step and the true regime."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    if p.regime_last is None or not hasattr(model, "gate_names") or not model.gate_names():
+        return None
+    model.eval()
+    with torch.no_grad():
+        _, gates = model(p.tensors["test"][0], return_gates=True)
+    w = next(iter(gates.values()))
+    routed = (w[:, -1] if w.dim() == 3 else w).argmax(dim=-1).numpy()
+    return float(normalized_mutual_info_score(p.regime_last, routed))
+
+
+def run_one(
+    model_name: str,
+    p: Prepared,
+    seed: int,
+    hidden: list[int],
+    max_epochs: int,
+    overrides: list[str],
+) -> dict:
+    from kanmoe.model.builder import build_model
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    d = p.data
+    if model_name == REFERENCE:
+        model: nn.Module = MinimalGRU(d.n_features, hidden, d.n_targets)
+        fit = fit_minimal(model, p, seed, max_epochs)
+    else:
+        model_cfg, train_cfg = kanmoe_configs(model_name, hidden, max_epochs, overrides)
+        model = build_model(model_cfg, d.n_features, d.n_targets, d.seq_len)
+        fit = fit_kanmoe(model, train_cfg, p, seed)
+    row = {
+        "model": model_name,
+        "seed": seed,
+        **fit,
+        "sec_per_epoch": fit["seconds"] / max(1, fit["epochs"]),
+        "train_r2": r2(model, *p.tensors["train"]),
+        "val_r2": r2(model, *p.tensors["val"]),
+        "test_r2": r2(model, *p.tensors["test"]),
+    }
+    nmi = routed_nmi(model, p)
+    if nmi is not None:
+        row["nmi"] = nmi
+    row["_model"] = model
+    return row
+
+
+# -- report ----------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(rows: list[dict], datasets: list[str], horizons: list[int], models: list[str]) -> str:
+    """Mean ± std test R² per cell, s/epoch, and KAMoE_GRU − GRU per horizon (paired by seed)."""
+    lines = []
+    for ds in datasets:
+        head = (
+            "| model | "
+            + " | ".join(f"h={h} R²" for h in horizons)
+            + " | mean R² | s/epoch | epochs |"
+        )
+        lines += [f"**{ds}**", "", head, "|" + "---|" * (len(horizons) + 4)]
+        for m in models:
+            cells, means, spe, eps = [], [], [], []
+            for h in horizons:
+                got = [r for r in rows if (r["dataset"], r["model"], r["horizon"]) == (ds, m, h)]
+                if not got:
+                    cells.append("–")
+                    continue
+                mu, sd = mean_std([r["test_r2"] for r in got])
+                means.append(mu)
+                spe += [r["sec_per_epoch"] for r in got]
+                eps += [r["epochs"] for r in got]
+                cells.append(f"{mu:.3f} ± {sd:.3f}")
+            if not means:
+                continue
+            lines.append(
+                f"| {m} | " + " | ".join(cells) + f" | {statistics.fmean(means):.3f} | "
+                f"{statistics.median(spe):.2f} | {statistics.fmean(eps):.0f} |"
+            )
+        lines.append("")
+        for a, b in (("KAMoE_GRU", "GRU"), ("GRU", REFERENCE)):
+            diffs = []
+            for h in horizons:
+                pa = {
+                    r["seed"]: r["test_r2"]
+                    for r in rows
+                    if (r["dataset"], r["model"], r["horizon"]) == (ds, a, h)
+                }
+                pb = {
+                    r["seed"]: r["test_r2"]
+                    for r in rows
+                    if (r["dataset"], r["model"], r["horizon"]) == (ds, b, h)
+                }
+                d = [pa[s] - pb[s] for s in sorted(pa.keys() & pb.keys())]
+                if d:
+                    mu, sd = mean_std(d)
+                    diffs.append(f"h={h}: {mu:+.3f} ± {sd:.3f}")
+            if diffs:
+                lines.append(f"- {a} − {b} (paired by seed): " + "; ".join(diffs))
+        nmis = [
+            r["nmi"]
+            for r in rows
+            if r["dataset"] == ds and "nmi" in r and r["model"] == "KAMoE_GRU"
+        ]
+        if nmis:
+            mu, sd = mean_std(nmis)
+            lines.append(f"- KAMoE_GRU routed expert vs true regime, NMI: {mu:.3f} ± {sd:.3f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def regime_plot(row: dict, p: Prepared, out: Path, n_steps: int) -> None:
+    """Gate weights at each test window's last step over time, first series, vs the regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = row["_model"]
+    model.eval()
+    with torch.no_grad():
+        _, gates = model(p.tensors["test"][0][:n_steps], return_gates=True)
+    w = next(iter(gates.values()))[:, -1].numpy()
+    regime = p.regime_last[:n_steps]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.2), sharex=True, height_ratios=[3, 1])
+    for e in range(w.shape[1]):
+        ax1.plot(w[:, e], label=f"expert {e}", lw=1.2)
+    ax1.set_ylabel("gate weight")
+    ax1.legend(loc="upper right", ncols=w.shape[1], fontsize=8)
+    ax1.set_title(
+        f"KAMoE_GRU gate weights vs true regime (test period, NMI {row.get('nmi', 0):.2f})"
+    )
+    ax2.step(np.arange(len(regime)), regime, where="post", color="k")
+    ax2.set_yticks(sorted(set(regime.tolist())))
+    ax2.set_ylabel("regime")
+    ax2.set_xlabel("step of the test period (series s0)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, writes nothing")
+    ap.add_argument("--datasets", nargs="+", default=["msft", "regimes"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--horizons", nargs="+", type=int, default=[1, 3, 6])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--hidden", nargs="+", type=int, default=[32, 32])
+    ap.add_argument("--lookback", type=int, default=None, help="default: max(45, 5*horizon)")
+    ap.add_argument("--max-epochs", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    ap.add_argument("--json", type=Path, help="append every run's numbers to this JSON lines file")
+    ap.add_argument(
+        "--write", action="store_true", help="write RESULTS.md (default unless --quick)"
+    )
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "sequence_regimes_gates.png")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.horizons, args.seeds, args.hidden = args.horizons[:1], args.seeds[:1], [8, 8]
+        args.max_epochs, args.lookback = min(args.max_epochs, 2), args.lookback or 12
+    write = args.write or not args.quick
+    torch.set_num_threads(args.threads)
+    frames = {}
+    for ds in args.datasets:
+        frames[ds] = msft_frame() if ds == "msft" else regimes_frame(args.quick)
+        if ds == "msft" and args.quick:
+            frames[ds] = frames[ds].iloc[-1200:].reset_index(drop=True)
+    rows: list[dict] = []
+    plotted = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for ds in args.datasets:
+            for h in args.horizons:
+                p = prepare(ds, frames[ds], Path(tmp), h, args.lookback)
+                for seed in args.seeds:
+                    for m in args.models:
+                        row = run_one(m, p, seed, args.hidden, args.max_epochs, args.overrides)
+                        row.update(dataset=ds, horizon=h)
+                        print(
+                            f"{ds} h={h} seed={seed} {m:14s} test R² {row['test_r2']:.4f} "
+                            f"train {row['train_r2']:.3f} val {row['val_r2']:.3f} "
+                            f"epochs {row['epochs']} {row['sec_per_epoch']:.2f} s/ep"
+                            + (f" NMI {row['nmi']:.3f}" if "nmi" in row else ""),
+                            flush=True,
+                        )
+                        if write and not plotted and m == "KAMoE_GRU" and p.regime_last is not None:
+                            regime_plot(row, p, args.plot, 300)
+                            plotted = True
+                        row.pop("_model")
+                        rows.append(row)
+                        if args.json:
+                            with args.json.open("a") as fh:
+                                fh.write(json.dumps({**row, "overrides": args.overrides}) + "\n")
+    models = [m for m in MODELS if m in args.models]
+    text = table(rows, args.datasets, args.horizons, models)
+    print(text)
+    if write:
+        results_file.update_section("sequences", section_text(args, text))
+    return 0
+
+
+def section_text(args, text: str) -> str:
+    return (
+        "## Sequences: minimal paper-recipe GRU vs kanmoe's sequence models\n\n"
+        f"`python benchmarks/sequences.py` on {results_file.machine_line()}, "
+        f"{args.threads} torch thread(s). Hidden widths {args.hidden}, seeds {args.seeds}, "
+        f"at most {args.max_epochs} epochs (early stopping ends most runs first), lookback "
+        f"max(45, 5·h). Test R² is over all horizon steps in the normalised units."
+        + (f" Overrides: {args.overrides}." if args.overrides else "")
+        + "\n\n"
+        + text
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
