@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 BASES = ("bspline", "rbf", "linear")
 INITS = ("random_normal", "identity", "zero")
 _REG_ELEMENTS = 1 << 22  # rows kept for regularization_loss: rows * out * in <= this (8..256)
+# Frozen copies read only for locked edges: in a state dict only while an edge is locked (they
+# would double a saved model otherwise); files without them load as "nothing locked".
+LOCK_STATE = ("locked_coef", "locked_base")
 
 
 def _positive_int(name: str, value: int, minimum: int = 1) -> int:
@@ -191,6 +194,29 @@ class KANLinear(KANEditMixin, nn.Module):
         self._grid_identity = bool((self.grid_scale == 1).all() and (self.grid_shift == 0).all())
         self._any_pruned = bool((self.edge_mask != 1).any())
 
+    # ------------------------------------------------------------------ saving
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not bool(self.lock_mask.any()):
+            for name in LOCK_STATE:
+                destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        absent = [n for n in LOCK_STATE if hasattr(self, n) and prefix + n not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        mask = state_dict.get(prefix + "lock_mask")
+        if not absent or mask is None or bool(mask.any()):
+            return  # a locked layer's buffers stay reported missing
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+            getattr(self, name).zero_()
+
     # ------------------------------------------------------------------ coefficients
 
     def coefficients(self) -> Tensor:
@@ -330,6 +356,21 @@ class KANLinear(KANEditMixin, nn.Module):
         from .symbolic_formula import auto_symbolic_layer
 
         return auto_symbolic_layer(self, r2_threshold, library, **kwargs)
+
+
+def lock_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every KANLinear's lock buffers by state-dict key, whether a state dict holds them or not.
+
+    For loaders that check a file's keys against ``model.state_dict()`` (which has them only for
+    layers with a locked edge) while files from before this rule have them always.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, KANLinear):
+            for buf in LOCK_STATE:
+                if hasattr(module, buf):
+                    out[f"{name}.{buf}" if name else buf] = getattr(module, buf)
+    return out
 
 
 class KAN(nn.Module):

@@ -93,7 +93,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise RunDirError(f"{path} is not a safetensors file ({first_line(exc)})") from None
-    if mismatch := state_mismatch(model.state_dict(), state):
+    from kanmoe.model.layers import lock_state
+
+    expected = model.state_dict()  # lock buffers: only in files saved with an edge locked
+    expected.update({k: v for k, v in lock_state(model).items() if k in state})
+    if mismatch := state_mismatch(expected, state):
         raise RunDirError(f"{path} is for another architecture than config.yaml: {mismatch}")
     model.load_state_dict(state)
 

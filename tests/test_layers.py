@@ -361,3 +361,64 @@ def test_update_grid_quantile_range():
     torch.testing.assert_close(hi, torch.quantile(x, 0.95, dim=0))
     with pytest.raises(ValueError, match="quantile"):
         layer.update_grid(x, quantile=0.5)
+
+
+@pytest.mark.parametrize("basis", ["bspline", "linear"])
+def test_lock_buffers_saved_only_while_an_edge_is_locked(tmp_path, basis):
+    from safetensors import safe_open
+
+    from kanmoe.model.run import load_weights, save_weights
+
+    torch.manual_seed(14)
+    x = torch.rand(20, 3) * 2 - 1
+    model = KAN([3, 4, 2], basis=basis)
+    save_weights(model, tmp_path / "plain.safetensors")
+    with safe_open(tmp_path / "plain.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert not any("locked" in k for k in keys) and "layers.0.lock_mask" in keys
+    fresh = KAN([3, 4, 2], basis=basis)
+    load_weights(fresh, tmp_path / "plain.safetensors")
+    torch.testing.assert_close(fresh(x), model(x))
+
+    model.layers[1].lock(1, 0, fn=torch.sin)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # locked edge ignores this: its output comes from the saved buffers
+    save_weights(model, tmp_path / "locked.safetensors")
+    with safe_open(tmp_path / "locked.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "layers.1.locked_coef" in keys and "layers.0.locked_coef" not in keys
+    fresh = KAN([3, 4, 2], basis=basis)
+    load_weights(fresh, tmp_path / "locked.safetensors")
+    torch.testing.assert_close(fresh(x), model(x))
+    assert fresh.layers[1].lock_mask.sum() == 1
+    torch.testing.assert_close(fresh.layers[1].locked_coef, model.layers[1].locked_coef)
+
+    # the file of an unlocked layer, loaded into a layer that was locked, unlocks it
+    model.layers[1].load_state_dict(KAN([3, 4, 2], basis=basis).layers[1].state_dict())
+    assert not model.layers[1].lock_mask.any() and model.layers[1].locked_coef.abs().sum() == 0
+
+
+def test_lock_state_without_its_buffers_is_reported_missing():
+    layer = KANLinear(3, 2)
+    layer.lock(0)
+    state = {k: v for k, v in layer.state_dict().items() if "locked" not in k}
+    with pytest.raises(RuntimeError, match="locked_coef"):
+        KANLinear(3, 2).load_state_dict(state)
+
+
+def test_old_run_dir_with_lock_buffers_still_loads():
+    from safetensors.torch import load_file
+
+    from kanmoe.model.run import load_run
+    from kanmoe.paths import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "default_run" / "weights.safetensors"
+    stored = load_file(path)
+    lock_keys = {k for k in stored if k.endswith(("locked_coef", "locked_base"))}
+    if not lock_keys:
+        pytest.skip("default_run was saved after the lock-buffer rule (no old file here)")
+    inner = {k.removeprefix("model."): v for k, v in load_run(path.parent).state_dict().items()}
+    assert set(stored) - set(inner) == lock_keys  # all unlocked: now left out of a state dict
+    for key in set(stored) - lock_keys:
+        assert torch.equal(inner[key], stored[key]), key
