@@ -39,10 +39,17 @@ Schema (``format`` 1; keys are stable, new keys may be added)::
                     "x": [...points],    # in the input's units
                     "to_layer": {"offset": m, "factor": f} | null,  # x = offset + factor*h
                     "density": [...bins]}],  # fraction of data rows per equal-width bin
-        "edges": [{"in": 0, "out": 5, "y": [...points], "spread": 0.31}]}],
-     "symbolic": {... RUN_DIR/symbolic.json ...} | null}
+        "edges": [{"in": 0, "out": 5, "y": [...points], "spread": 0.31,
+                   "symbolic": {"form": "sin", "a", "b", "c", "d", "r2", "locked"} | null
+                   }]}],       # "symbolic" only when the run has symbolic.json
+     "symbolic": {"threshold": 0.99, "fitted_over": "training data",
+                  "formulas": [...],   # as in symbolic.json
+                  "layers": [{"label", "edges": 1216, "symbolic_edges": 37}]} | null}
 
-Edges are listed input by input, strongest first within an input.
+Edges are listed input by input, strongest first within an input. A symbolic form reads
+``y = a · form(b · h + c) + d`` in the layer's own input ``h`` (``kanmoe symbolic`` fits the
+layer, not the raw feature); ``symbolic`` is null when ``RUN_DIR/symbolic.json`` is absent.
+Only each sampled edge's best form is kept (the full table runs to megabytes).
 """
 
 from __future__ import annotations
@@ -182,9 +189,53 @@ def read_symbolic(run_dir: str | Path | None) -> dict[str, Any] | None:
     from kanmoe.errors import ExportError
 
     try:
-        return json.loads(path.read_text())
+        table = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(table, dict) or not isinstance(table.get("layers", []), list):
+        raise ExportError(f"{path} is not a kanmoe symbolic table (no 'layers' list)")
+    return table
+
+
+def _edge_form(edge: dict[str, Any]) -> dict[str, Any] | None:
+    best = edge.get("best")
+    if not isinstance(best, dict) or "name" not in best:
+        return None
+    form = {k: _round(best[k], 4) for k in ("a", "b", "c", "d", "r2") if k in best}
+    return {"form": str(best["name"]), **form, "locked": bool(edge.get("locked", False))}
+
+
+def attach_symbolic(layers: list[dict[str, Any]], table: dict[str, Any]) -> dict[str, Any]:
+    """Put each sampled edge's best symbolic form on it; return the document's summary.
+
+    A default run's full table is ~1.4 MB (every candidate of ~3,900 edges), too much to
+    serve, so the document keeps the best form of the edges it samples and, per layer, how
+    many edges reach the threshold (or are locked), plus the run's formulas.
+    """
+    threshold = table.get("threshold")
+    by_label = {t.get("label"): t for t in table.get("layers", []) if isinstance(t, dict)}
+    summary = []
+    for layer in layers:
+        fitted = by_label.get(layer["label"])
+        if fitted is None:
+            continue
+        forms = {(e.get("in"), e.get("out")): e for e in fitted.get("edges", [])}
+        for edge in layer["edges"]:
+            found = forms.get((edge["in"], edge["out"]))
+            edge["symbolic"] = None if found is None else _edge_form(found)
+        good = sum(
+            1
+            for e in forms.values()
+            if e.get("locked")
+            or (threshold is not None and (_edge_form(e) or {}).get("r2", -1.0) >= threshold)
+        )
+        summary.append({"label": layer["label"], "edges": len(forms), "symbolic_edges": good})
+    return {
+        "threshold": threshold,
+        "fitted_over": table.get("fitted_over"),
+        "formulas": table.get("formulas", []),
+        "layers": summary,
+    }
 
 
 def functions_document(
@@ -232,6 +283,7 @@ def functions_document(
         layers.append(
             _layer_entry(info, servable, h, stack, d, points, edges_per_input, density_bins)
         )
+    table = read_symbolic(run_dir)
     return {
         "format": FORMAT,
         "kanmoe_version": __version__,
@@ -246,7 +298,7 @@ def functions_document(
         "edges_per_input": edges_per_input,
         "density_bins": density_bins,
         "layers": layers,
-        "symbolic": read_symbolic(run_dir),
+        "symbolic": None if table is None else attach_symbolic(layers, table),
     }
 
 
