@@ -6,8 +6,11 @@ one ``ai.kanmoe`` node via :func:`kanmoe.export.onnx_ops.translation_table`; the
 drops functions, so the FunctionProto bodies are attached to the returned proto afterwards.
 
 Graph contract: input ``input`` float32 ``[batch, n_features]`` (``[batch, seq, n_features]``
-for sequence models), outputs ``output`` ``[batch, n_targets]`` and one gate output per MoE
-layer (``gate_weights`` for a single layer, else ``gate_weights_<layer>``).
+for sequence models), outputs ``output`` ``[batch, n_targets]``, one gate output per MoE
+layer (``gate_weights`` for a single layer, else ``gate_weights_<layer>``) and, unless
+exported with ``explain=False``, each MoE layer's per-expert outputs ``[batch, n_experts,
+out]`` (``expert_outputs`` / ``expert_outputs_<layer>``; raw target units for the final
+layer). A client that does not fetch them pays for nothing but the graph's final Transpose.
 """
 
 from __future__ import annotations
@@ -29,23 +32,53 @@ OUTPUT_NAME = "output"
 GATE_PREFIX = "gate_weights"
 
 
-def gate_output_names(layers: list[str]) -> dict[str, str]:
-    """Map MoE layer name -> ONNX output name (``gate_weights`` when there is one layer)."""
+EXPERT_PREFIX = "expert_outputs"
+
+
+def gate_output_names(layers: list[str], prefix: str = GATE_PREFIX) -> dict[str, str]:
+    """Map MoE layer name -> ONNX output name (``prefix`` alone when there is one layer)."""
     if len(layers) == 1:
-        return {layers[0]: GATE_PREFIX}
+        return {layers[0]: prefix}
     names: dict[str, str] = {}
     for layer in layers:
-        name = f"{GATE_PREFIX}_{re.sub(r'[^0-9A-Za-z_]', '_', layer)}"
+        name = f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', layer)}"
         if name in names.values():
             raise ExportError(f"two MoE layers map to the same output name {name!r}")
         names[layer] = name
     return names
 
 
-def metadata_of(servable: Any, gate_outputs: Mapping[str, str]) -> dict[str, str]:
+def explain_info(servable: Any, expert_outputs: Mapping[str, str]) -> dict[str, Any] | None:
+    """How a server splits a prediction into per-expert contributions, or None if it can't.
+
+    ``prediction = offset + sum_e gate_e * (expert_e - offset)`` holds exactly when the
+    final MoE layer's experts are mapped to raw target units linearly (see
+    ``ServableModel.explain_offset``).
+    """
+    from kanmoe.model.run import final_moe_name
+
+    layer = final_moe_name(servable.model)
+    offset = servable.explain_offset()
+    if layer is None or offset is None or layer not in expert_outputs:
+        return None
+    return {"layer": layer, "output": expert_outputs[layer], "offset": offset}
+
+
+def metadata_of(
+    servable: Any,
+    gate_outputs: Mapping[str, str],
+    expert_outputs: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The ``metadata_props`` written into the model (all values are strings; JSON if nested)."""
     from kanmoe import __version__
 
+    expert_outputs = dict(expert_outputs or {})
+    extra = {}
+    if expert_outputs:
+        extra = {
+            "expert_outputs": json.dumps(expert_outputs),
+            "explain": json.dumps(explain_info(servable, expert_outputs)),
+        }
     return {
         "feature_names": json.dumps(list(servable.feature_names)),
         "target_names": json.dumps(list(servable.target_names)),
@@ -56,6 +89,7 @@ def metadata_of(servable: Any, gate_outputs: Mapping[str, str]) -> dict[str, str
         "config_hash": str(servable.config_hash),
         "is_sequence": json.dumps(bool(servable.is_sequence)),
         "seq_len": json.dumps(servable.seq_len),
+        **extra,
     }
 
 
@@ -103,12 +137,12 @@ def _torch_export(wrapper, example, output_names: list[str], dynamic_seq: bool):
     return prog.model_proto  # a new copy on every access: keep and edit this one
 
 
-def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
+def export_model(servable: Any, layout: str = "cardinal", explain: bool = True) -> onnx.ModelProto:
     """Export a ``ServableModel`` to a self-contained ``onnx.ModelProto`` (IR 10, opset 20).
 
     Sequence models get a dynamic ``seq`` axis when the network allows it, else the
-    training window length. Raises :class:`ExportError` if the exporter fails or the result
-    misses a function body.
+    training window length. ``explain`` adds the per-expert outputs of every MoE layer.
+    Raises :class:`ExportError` if the exporter fails or the result misses a function body.
     """
     import torch
 
@@ -120,18 +154,22 @@ def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
         _, gates = servable(example)
     layers = list(gates)
     gate_outputs = gate_output_names(layers)
-    output_names = [OUTPUT_NAME, *gate_outputs.values()]
+    expert_outputs = gate_output_names(layers, EXPERT_PREFIX) if explain and layers else {}
+    output_names = [OUTPUT_NAME, *gate_outputs.values(), *expert_outputs.values()]
 
     class _Flat(torch.nn.Module):
-        """Tuple outputs in a fixed order: (y, gate of layer 0, gate of layer 1, ...)."""
+        """Tuple outputs in a fixed order: (y, gates by layer, [expert outputs by layer])."""
 
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, x):
-            y, g = self.inner(x)
-            return (y, *(g[name] for name in layers))
+            if not expert_outputs:
+                y, g = self.inner(x)
+                return (y, *(g[name] for name in layers))
+            y, g, e = self.inner.forward_explained(x)
+            return (y, *(g[name] for name in layers), *(e[name] for name in layers))
 
     wrapper = _Flat(servable).eval()
     errors = []
@@ -144,7 +182,7 @@ def export_model(servable: Any, layout: str = "cardinal") -> onnx.ModelProto:
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     else:
         raise ExportError(f"torch.onnx.export failed: {'; '.join(errors)}")
-    finish_model(model, metadata_of(servable, gate_outputs), layout=layout)
+    finish_model(model, metadata_of(servable, gate_outputs, expert_outputs), layout=layout)
     return model
 
 

@@ -7,6 +7,8 @@ Layout written for one export::
     REPO/NAME/N/kanmoe.json       feature/target/expert names, metrics, version, config hash,
                                   and (when the run's data can be rebuilt) the training feature
                                   ranges and the test-split gate reference (kanmoe.export.stats)
+    REPO/NAME/N/functions.json    the learned 1-D functions of every KAN layer, sampled over
+                                  the training data's range (kanmoe.export.functions)
 
 Everything is built in a temporary directory beside the target and moved in with renames,
 so a failed export leaves nothing behind and readers never see a half-written version.
@@ -131,11 +133,13 @@ def write_repository_entry(
     force: bool = False,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     extra: Mapping[str, Any] | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> WrittenModel:
     """Write ``model`` as ``repository/name/version``; ``version=None`` means next free one.
 
     An existing version is an error unless ``force``, which replaces it. ``config.pbtxt`` is
-    rewritten to describe the new model. ``extra`` keys are added to ``kanmoe.json``.
+    rewritten to describe the new model. ``extra`` keys are added to ``kanmoe.json``;
+    ``files`` (name -> bytes, e.g. ``functions.json``) are written beside the model.
     """
     repository = Path(repository)
     _check_target(repository, name, version)
@@ -156,6 +160,10 @@ def write_repository_entry(
         onnx.save_model(model, stage / str(version) / "model.onnx")
         info = json.dumps(model_info(model, name, version, extra), indent=2, default=str)
         (stage / str(version) / "kanmoe.json").write_text(info + "\n")
+        for file_name, data in (files or {}).items():
+            if file_name in ("model.onnx", "kanmoe.json") or Path(file_name).name != file_name:
+                raise ExportError(f"extra file name {file_name!r} is not allowed")
+            (stage / str(version) / file_name).write_bytes(data)
         (stage / "config.pbtxt").write_text(config_pbtxt(model, name, max_batch_size))
         if created_repo_dir:
             os.rename(stage, model_dir)  # one rename publishes the whole model
@@ -221,6 +229,7 @@ def export_run(
     the run's data cannot be rebuilt it is written without them and one warning line says so.
     """
     from kanmoe.export.exporter import export_model
+    from kanmoe.export.functions import FUNCTIONS_FILE, functions_document, functions_json_bytes
     from kanmoe.export.stats import run_stats
     from kanmoe.model.run import load_run
 
@@ -239,7 +248,14 @@ def export_run(
     stats = run_stats(run_dir, servable)
     if stats.skipped:
         log.warning("kanmoe.json has no feature_ranges/gate_reference: %s", stats.skipped)
+    functions = functions_json_bytes(functions_document(servable, run_dir))
     written = write_repository_entry(
-        model, repository, name, version=version, force=force, extra=stats.values
+        model,
+        repository,
+        name,
+        version=version,
+        force=force,
+        extra=stats.values,
+        files={FUNCTIONS_FILE: functions},
     )
     return ExportResult(written, report, stats.skipped)

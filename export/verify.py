@@ -11,6 +11,7 @@ otherwise). One tolerance per output kind, so the check does not flake:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,14 +125,20 @@ def random_inputs(servable: Any, batch: int, seed: int, real: np.ndarray | None 
     return (rng.standard_normal(shape) * std + mean).astype(np.float32)
 
 
-def _torch_outputs(servable: Any, x: np.ndarray, output_names: list[str], gate_outputs: dict):
+def _torch_outputs(servable: Any, x: np.ndarray, output_names: list[str], meta: dict):
     import torch
 
+    expert_outputs = json.loads(meta.get("expert_outputs", "{}"))
     with torch.no_grad():
-        y, gates = servable(torch.from_numpy(x))
+        if expert_outputs:
+            y, gates, experts = servable.forward_explained(torch.from_numpy(x))
+        else:
+            (y, gates), experts = servable(torch.from_numpy(x)), {}
     by_name = {"output": y}
-    for layer, name in gate_outputs.items():
+    for layer, name in json.loads(meta.get("gate_outputs", "{}")).items():
         by_name[name] = gates[layer]
+    for layer, name in expert_outputs.items():
+        by_name[name] = experts[layer]
     return [by_name[n].detach().cpu().numpy() for n in output_names]
 
 
@@ -162,11 +169,8 @@ def verify_model(
     ``max(batch_sizes)`` rows are used. Raises :class:`ExportError` with the figures when
     an error exceeds ``tolerance`` (unless ``raise_on_failure`` is False).
     """
-    import json
-
     servable = servable.eval()
     meta = {p.key: p.value for p in model.metadata_props}
-    gate_outputs = json.loads(meta.get("gate_outputs", "{}"))
     names = [o.name for o in model.graph.output]
     sess = ort_session(model)
     ref = reference_evaluator(model) if reference else None
@@ -178,7 +182,7 @@ def verify_model(
         real = np.ascontiguousarray(real_inputs[: max(batch_sizes)], dtype=np.float32)
         input_sets.append(("real", real))
     for label, x in input_sets:
-        want = _torch_outputs(servable, x, names, gate_outputs)
+        want = _torch_outputs(servable, x, names, meta)
         got = sess.run(names, {INPUT_NAME: x})
         report.cases.append(CaseResult("ort", label, len(x), _scaled_errors(got, want, names)))
         if ref is not None:
@@ -187,7 +191,7 @@ def verify_model(
     # ORT only: a batch above the lookup body's block size takes its Scan-over-blocks path
     x = random_inputs(servable, LARGE_BATCH, seed + len(batch_sizes), real_inputs)
     got = sess.run(names, {INPUT_NAME: x})
-    want = _torch_outputs(servable, x, names, gate_outputs)
+    want = _torch_outputs(servable, x, names, meta)
     report.cases.append(CaseResult("ort", "random", len(x), _scaled_errors(got, want, names)))
     if raise_on_failure and not report.ok:
         raise ExportError(f"ONNX output differs from torch:\n{report.summary()}")

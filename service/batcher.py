@@ -12,6 +12,9 @@ While one batch runs in the worker thread the event loop keeps parsing requests,
 where the coalescing comes from under load.
 The queue is bounded in rows: past ``max_queue_rows`` a request is refused (429) at once
 instead of waiting behind work the server cannot finish in time.
+A request may ask for the ``full`` outputs (``run_full``, e.g. per-expert outputs for an
+explanation); a batch holding one runs ``run_full`` for all its rows, so a request that did
+not ask pays nothing for the others unless they share its batch.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Draining(Exception):
 class _Pending:
     x: np.ndarray
     future: asyncio.Future[Outputs]
+    full: bool = False
 
 
 class MicroBatcher:
@@ -58,8 +62,10 @@ class MicroBatcher:
         enabled: bool = True,
         on_batch: BatchHook | None = None,
         executor: ThreadPoolExecutor | None = None,
+        run_full: RunFn | None = None,
     ) -> None:
         self._run = run
+        self._run_full = run_full or run
         self.max_batch_rows = max_batch_rows
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
@@ -76,9 +82,10 @@ class MicroBatcher:
         self._busy = False  # a batch is running (inline or in the worker thread)
 
     # -- request side -------------------------------------------------------------------
-    async def submit(self, x: np.ndarray, may_inline: bool = False) -> Outputs:
+    async def submit(self, x: np.ndarray, may_inline: bool = False, full: bool = False) -> Outputs:
         """Queue ``x`` (rows on axis 0) and wait for its slice of the batch's outputs;
-        ``may_inline``: no other client is connected, so an idle runner may run it now."""
+        ``may_inline``: no other client is connected, so an idle runner may run it now;
+        ``full``: run ``run_full`` (every output) for it."""
         if self._closed:
             raise Draining("the model is shutting down or being unloaded")
         rows = int(x.shape[0])
@@ -90,7 +97,7 @@ class MicroBatcher:
         self.in_flight += 1
         try:
             if not self.enabled:
-                return await self._run_unbatched(loop, x)
+                return await self._run_unbatched(loop, x, full)
             if (
                 may_inline
                 and self.max_delay_s == 0  # a configured delay asks for coalescing
@@ -100,12 +107,12 @@ class MicroBatcher:
             ):
                 self._busy = True
                 try:
-                    return self._run_and_hook(x)
+                    return self._run_and_hook(x, full)
                 finally:
                     self._busy = False
             self._ensure_task(loop)
             future: asyncio.Future[Outputs] = loop.create_future()
-            self._queue.append(_Pending(x, future))
+            self._queue.append(_Pending(x, future, full))
             self.queued_rows += rows
             assert self._wakeup is not None
             self._wakeup.set()
@@ -113,10 +120,12 @@ class MicroBatcher:
         finally:
             self.in_flight -= 1
 
-    async def _run_unbatched(self, loop: asyncio.AbstractEventLoop, x: np.ndarray) -> Outputs:
+    async def _run_unbatched(
+        self, loop: asyncio.AbstractEventLoop, x: np.ndarray, full: bool
+    ) -> Outputs:
         self.queued_rows += int(x.shape[0])
         try:
-            return await loop.run_in_executor(self._executor, self._run_and_hook, x)
+            return await loop.run_in_executor(self._executor, self._run_and_hook, x, full)
         finally:
             self.queued_rows -= int(x.shape[0])
 
@@ -168,9 +177,10 @@ class MicroBatcher:
                 continue
             xs = [p.x for p in batch]
             x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+            full = any(p.full for p in batch)
             self._busy = True
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_and_hook, x)
+                outputs = await loop.run_in_executor(self._executor, self._run_and_hook, x, full)
             except Exception as exc:  # a failed run fails its own batch, never the loop
                 for p in batch:
                     if not p.future.done():
@@ -185,9 +195,9 @@ class MicroBatcher:
                     p.future.set_result({k: v[start:stop] for k, v in outputs.items()})
                 start = stop
 
-    def _run_and_hook(self, x: np.ndarray) -> Outputs:
+    def _run_and_hook(self, x: np.ndarray, full: bool = False) -> Outputs:
         t0 = time.perf_counter()
-        outputs = self._run(x)
+        outputs = self._run_full(x) if full else self._run(x)
         seconds = time.perf_counter() - t0
         if self._on_batch is not None:
             self._on_batch(x, outputs, seconds)

@@ -97,11 +97,12 @@ class Service:
             self.reject(name, "too_large" if exc.status == 413 else "bad_request")
         return Reply.error(exc, name)
 
-    async def run(self, entry: LoadedVersion, x: np.ndarray) -> Outputs:
-        """Through the version's batcher; the caller (the front door) bounds the wait."""
+    async def run(self, entry: LoadedVersion, x: np.ndarray, full: bool = False) -> Outputs:
+        """Through the version's batcher; the caller (the front door) bounds the wait.
+        ``full`` fetches every graph output, not only the prediction and the gates."""
         assert entry.batcher is not None
         try:
-            return await entry.batcher.submit(x, may_inline=self.connections() <= 1)
+            return await entry.batcher.submit(x, may_inline=self.connections() <= 1, full=full)
         except QueueFull as exc:
             self.reject(entry.name, "queue_full")
             raise ServiceError(429, f"{exc}; retry later", {"retry-after": "1"}) from None
@@ -118,10 +119,17 @@ class Service:
             entry = self.resolve(name, version)
             spec = entry.spec
             assert spec is not None
-            x, _explain = parse_v1_request(body, spec, self.settings.max_request_rows)
-            outputs = await self.run(entry, x)
+            x, explain = parse_v1_request(body, spec, self.settings.max_request_rows)
+            if explain and (why := spec.explain_unavailable()):
+                raise bad_request(
+                    f"'explain' is not available for model {name!r} version {entry.version}: {why}"
+                )
+            outputs = await self.run(entry, x, full=explain)
             return Reply(
-                200, encode_v1_response(spec, entry.version, outputs), {"content-type": JSON}, name
+                200,
+                encode_v1_response(spec, entry.version, outputs, explain),
+                {"content-type": JSON},
+                name,
             )
         except ServiceError as exc:
             return self._refused(name, exc)
@@ -146,7 +154,12 @@ class Service:
             except v2_codec.ProtocolError as exc:
                 raise ServiceError(exc.status, exc.message) from None
             x = self._v2_input(request, spec)
-            outputs = await self.run(entry, x)
+            base = spec.base_output_names
+            if request.outputs is None:  # the protocol's default: every output
+                full = len(spec.output_names) > len(base)
+            else:
+                full = any(o.name not in base for o in request.outputs)
+            outputs = await self.run(entry, x, full=full)
             body_out, out_headers = v2_codec.encode_infer_response(
                 name,
                 entry.version,

@@ -36,6 +36,19 @@ class GateLayer:
 
 
 @dataclass(frozen=True)
+class Explain:
+    """How v1 ``explain`` splits a prediction: ``offset + sum_e gate_e * (expert_e - offset)``.
+
+    ``output`` holds the final MoE layer's per-expert predictions ``(rows, E, targets)`` in
+    raw target units, ``layer`` names its gate; ``offset`` is one value per target.
+    """
+
+    layer: str
+    output: str
+    offset: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     version: str
@@ -50,6 +63,9 @@ class ModelSpec:
     kanmoe_version: str = ""
     config_hash: str = ""
     outputs: dict[str, list[int]] = field(default_factory=dict)
+    # Per MoE layer: the graph output with each expert's own output (exports since #12).
+    expert_outputs: dict[str, str] = field(default_factory=dict)
+    explain: Explain | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -63,8 +79,29 @@ class ModelSpec:
     @cached_property
     def output_names(self) -> list[str]:
         """Graph outputs in the order the service returns them: prediction first, then gates."""
-        names = [OUTPUT_NAME, *(g.output for g in self.gates)]
+        names = self.base_output_names
         return names + [n for n in self.outputs if n not in names]
+
+    @cached_property
+    def base_output_names(self) -> list[str]:
+        """What every run fetches: the prediction and the gates (the metrics read them)."""
+        return [OUTPUT_NAME, *(g.output for g in self.gates)]
+
+    def explain_unavailable(self) -> str:
+        """Why v1 ``explain`` cannot split this model's predictions ("" when it can)."""
+        if self.explain is not None:
+            return ""
+        if not self.gates:
+            return "it has no mixture-of-experts layer"
+        if not self.expert_outputs:
+            return (
+                "it was exported without per-expert outputs; re-export it with this kanmoe "
+                "(kanmoe export RUN_DIR --force)"
+            )
+        return (
+            "its experts' outputs do not add up to the prediction (log target, or layers "
+            "after the last mixture-of-experts layer)"
+        )
 
     def input_shape(self) -> list[int]:
         """v2 metadata shape of ``input`` (-1 for dynamic axes)."""
@@ -130,6 +167,31 @@ def _gates(info: dict[str, Any], path: Path) -> tuple[GateLayer, ...]:
     return tuple(gates)
 
 
+def _explain(info: dict[str, Any], gates: tuple[GateLayer, ...], path: Path):
+    """``expert_outputs`` and ``explain`` from the sidecar, checked against the gates."""
+    experts = info.get("expert_outputs") or {}
+    layers = {g.layer: g for g in gates}
+    if not isinstance(experts, dict) or not set(experts) <= set(layers):
+        raise ModelSpecError(f"{path}: 'expert_outputs' must map MoE layers to output names")
+    raw = info.get("explain")
+    if raw is None:
+        return {str(k): str(v) for k, v in experts.items()}, None
+    offset = raw.get("offset") if isinstance(raw, dict) else None
+    if (
+        not isinstance(raw, dict)
+        or raw.get("layer") not in layers
+        or experts.get(raw["layer"]) != raw.get("output")
+        or not isinstance(offset, list)
+        or not all(isinstance(v, int | float) and math.isfinite(v) for v in offset)
+    ):
+        raise ModelSpecError(
+            f"{path}: 'explain' must name a layer of 'expert_outputs', its output and a "
+            "finite offset per target"
+        )
+    found = Explain(str(raw["layer"]), str(raw["output"]), tuple(float(v) for v in offset))
+    return {str(k): str(v) for k, v in experts.items()}, found
+
+
 def load_spec(version_dir: str | Path, name: str | None = None) -> ModelSpec:
     """Read ``version_dir/kanmoe.json``; the directory names give model name and version."""
     version_dir = Path(version_dir)
@@ -151,12 +213,16 @@ def load_spec(version_dir: str | Path, name: str | None = None) -> ModelSpec:
     outputs = info.get("outputs") or {}
     if not isinstance(outputs, dict):
         raise ModelSpecError(f"{path}: 'outputs' must be an object")
+    gates = _gates(info, path)
+    expert_outputs, explain = _explain(info, gates, path)
+    if explain is not None and len(explain.offset) != len(targets):
+        raise ModelSpecError(f"{path}: 'explain' offset needs one value per target")
     return ModelSpec(
         name=name or version_dir.parent.name,
         version=version_dir.name,
         feature_names=features,
         target_names=targets,
-        gates=_gates(info, path),
+        gates=gates,
         is_sequence=is_sequence,
         seq_len=int(seq_len) if is_sequence else None,
         feature_ranges=_ranges(info, features, path),
@@ -164,5 +230,7 @@ def load_spec(version_dir: str | Path, name: str | None = None) -> ModelSpec:
         kanmoe_version=str(info.get("kanmoe_version", "")),
         config_hash=str(info.get("config_hash", "")),
         outputs={str(k): list(v) for k, v in outputs.items()},
+        expert_outputs=expert_outputs,
+        explain=explain,
         raw=info,
     )

@@ -57,6 +57,7 @@ class OnnxModel:
             log.warning("%s: CUDA execution provider asked for but not active", self.path)
         self._check_graph()
         self.output_names = spec.output_names
+        self.base_output_names = spec.base_output_names
 
     @property
     def on_gpu(self) -> bool:
@@ -86,7 +87,12 @@ class OnnxModel:
             raise ModelLoadError(f"{self.path}: graph lacks outputs {missing or [OUTPUT_NAME]}")
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the graph on float32 rows; returns every output by name."""
+        """Run the graph on float32 rows; returns the prediction and the gates by name."""
+        values = self.session.run(self.base_output_names, {INPUT_NAME: x})
+        return dict(zip(self.base_output_names, values, strict=True))
+
+    def run_full(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Like :meth:`run`, plus every other output (per-expert outputs for ``explain``)."""
         values = self.session.run(self.output_names, {INPUT_NAME: x})
         return dict(zip(self.output_names, values, strict=True))
 
@@ -98,6 +104,9 @@ class OnnxModel:
         else:
             row = np.zeros(spec.n_features, np.float32)
         x = np.tile(row, (2, spec.seq_len, 1)) if spec.is_sequence else np.tile(row, (2, 1))
-        out = self.run(x.astype(np.float32))
+        x = x.astype(np.float32)
+        if self.output_names != self.base_output_names:
+            self.run_full(x)
+        out = self.run(x)
         if not np.isfinite(out[OUTPUT_NAME]).all():
             raise ModelLoadError(f"{self.path}: warm-up produced non-finite outputs")

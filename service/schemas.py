@@ -48,7 +48,25 @@ class PredictRequest(BaseModel):
     inputs: list[list[float] | list[list[float]]] | SkipJsonSchema[None] = Field(
         None, description="rows in feature order (sequence models: [steps][features])"
     )
-    explain: bool = Field(False, description="reserved for per-expert explanations")
+    explain: bool = Field(
+        False,
+        description="add an 'explanation': each expert's own prediction and its contribution "
+        "(gate weight x (expert - offset)); offset + contributions = prediction",
+    )
+
+
+class Explanation(BaseModel):
+    """The final MoE layer's split of each row's prediction, in raw target units."""
+
+    layer: str = Field(description="the MoE layer whose experts are shown")
+    offset: float | list[float] = Field(description="per target: the training target mean")
+    expert_predictions: list[list[float]] | list[list[list[float]]] = Field(
+        description="per row, per expert (in 'experts' order): that expert's own prediction"
+    )
+    contributions: list[list[float]] | list[list[list[float]]] = Field(
+        description="per row, per expert: gate weight x (expert prediction - offset); "
+        "offset + their sum = the row's prediction"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -62,6 +80,9 @@ class PredictResponse(BaseModel):
         description="per MoE layer: each row's weight per expert (sequence: last step)"
     )
     experts: dict[str, list[str]] = Field(description="per MoE layer: expert names in order")
+    explanation: Explanation | SkipJsonSchema[None] = Field(
+        None, description="only with explain: true"
+    )
 
 
 class FeatureInfo(BaseModel):

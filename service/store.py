@@ -237,6 +237,7 @@ class ModelStore:
         entry.spec, entry.model = spec, model
         entry.batcher = MicroBatcher(
             model.run,
+            run_full=model.run_full,
             max_batch_rows=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000.0,
             max_queue_rows=s.max_queue_rows,

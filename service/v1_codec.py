@@ -141,7 +141,37 @@ def parse_v1_request(body: bytes, spec: ModelSpec, max_rows: int) -> tuple[np.nd
     return x, explain
 
 
-def encode_v1_response(spec: ModelSpec, version: str, outputs: dict[str, np.ndarray]) -> bytes:
+def explanation(spec: ModelSpec, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each expert's own prediction and its share of the row's prediction, raw target units.
+
+    ``contributions[e] = gate_e * (expert_e - offset)``, so ``offset + sum(contributions)``
+    is the prediction (to float32 rounding). Single-target models drop the target axis.
+    """
+    info = spec.explain
+    assert info is not None
+    gate = next(g for g in spec.gates if g.layer == info.layer)
+    experts = outputs[info.output].astype(np.float64)  # (rows, E, targets)
+    offset = np.asarray(info.offset, dtype=np.float64)
+    weights = outputs[gate.output].astype(np.float64)[:, :, None]
+    contributions = weights * (experts - offset)
+    if spec.n_targets == 1:
+        return {
+            "layer": info.layer,
+            "offset": float(offset[0]),
+            "expert_predictions": experts[:, :, 0].tolist(),
+            "contributions": contributions[:, :, 0].tolist(),
+        }
+    return {
+        "layer": info.layer,
+        "offset": offset.tolist(),
+        "expert_predictions": experts.tolist(),
+        "contributions": contributions.tolist(),
+    }
+
+
+def encode_v1_response(
+    spec: ModelSpec, version: str, outputs: dict[str, np.ndarray], explain: bool = False
+) -> bytes:
     pred = outputs[OUTPUT_NAME]
     predictions = pred[:, 0].tolist() if spec.n_targets == 1 else pred.tolist()
     gates: dict[str, Any] = {}
@@ -156,4 +186,6 @@ def encode_v1_response(spec: ModelSpec, version: str, outputs: dict[str, np.ndar
         "gate_weights": gates,
         "experts": {g.layer: list(g.experts) for g in spec.gates},
     }
+    if explain:
+        body["explanation"] = explanation(spec, outputs)
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

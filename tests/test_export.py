@@ -139,6 +139,10 @@ def _gate_names(model):
     return read_metadata(model)["gate_outputs"]
 
 
+def _expert_names(model):
+    return read_metadata(model)["expert_outputs"]
+
+
 def test_ort_matches_torch_for_dynamic_batch(exported):
     _, servable, model = exported
     sess = ort_session(model)
@@ -155,15 +159,23 @@ def test_ort_matches_torch_for_dynamic_batch(exported):
             assert outs[name].shape == gates[layer].shape
             assert outs[name].shape[-1] == len(servable.expert_names[layer])
             np.testing.assert_allclose(outs[name], gates[layer], atol=1e-5)
+        with torch.no_grad():
+            _, _, experts = servable.forward_explained(torch.from_numpy(x))
+        for layer, name in _expert_names(model).items():
+            want = experts[layer].numpy()
+            assert outs[name].shape == want.shape
+            assert want.shape[-2] == len(servable.expert_names[layer])  # (B, [T,] E, out)
+            np.testing.assert_allclose(outs[name], want, atol=1e-5 * max(1, np.abs(want).max()))
 
 
 def test_reference_evaluator_matches_torch(exported):
     _, servable, model = exported
     x = _inputs(servable, 7, seed=11)
     y, gates = _torch(servable, x)
+    gate_names = _gate_names(model)
     outs = reference_evaluator(model).run(None, {"input": x})
     np.testing.assert_allclose(outs[0], y, atol=1e-5 * max(1, np.abs(y).max()))
-    for (layer, _), got in zip(_gate_names(model).items(), outs[1:], strict=True):
+    for (layer, _), got in zip(gate_names.items(), outs[1 : 1 + len(gate_names)], strict=True):
         np.testing.assert_allclose(got, gates[layer], atol=1e-5)
 
 
@@ -183,7 +195,7 @@ def test_graph_has_kanmoe_nodes_with_bodies(exported):
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
     names = [o.name for o in model.graph.output]
     assert names[0] == "output"
-    assert names[1:] == list(_gate_names(model).values())
+    assert names[1:] == [*_gate_names(model).values(), *_expert_names(model).values()]
 
 
 def test_experts_sharing_an_input_get_one_merged_lookup(exports):
@@ -261,6 +273,8 @@ def test_two_moe_layers_named_outputs(exports):
         "output",
         "gate_weights_first",
         "gate_weights_second",
+        "expert_outputs_first",
+        "expert_outputs_second",
     ]
 
 
@@ -270,7 +284,7 @@ def test_sequence_model_has_dynamic_seq_and_per_step_gates(exports):
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", F]
     x = _inputs(servable, 3, seed=5, seq=SEQ + 3)  # a longer window than at export time
     y, gates = _torch(servable, x)
-    out, gate = ort_session(model).run(None, {"input": x})
+    out, gate = ort_session(model).run(["output", "gate_weights"], {"input": x})
     np.testing.assert_allclose(out, y, atol=1e-5 * max(1, np.abs(y).max()))
     assert gate.shape == (3, SEQ + 3, 3)
     np.testing.assert_allclose(gate, next(iter(gates.values())), atol=1e-5)

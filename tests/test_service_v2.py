@@ -26,7 +26,7 @@ from tests.serving import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 MODEL_FILE = DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "model.onnx"
 FEATURES = json.loads((MODEL_FILE.parent / "kanmoe.json").read_text())["feature_names"]
-OUTPUTS = ["output", "gate_weights"]
+OUTPUTS = ["output", "gate_weights", "expert_outputs"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,7 @@ def test_health_readiness_and_metadata(client):
         assert meta["outputs"] == [
             {"name": "output", "datatype": "FP32", "shape": [-1, 1]},
             {"name": "gate_weights", "datatype": "FP32", "shape": [-1, 3]},
+            {"name": "expert_outputs", "datatype": "FP32", "shape": [-1, 3, 1]},
         ]
         config = client.get_model_config(DEFAULT_MODEL, version)
         assert config["name"] == DEFAULT_MODEL
@@ -101,6 +102,7 @@ def test_health_readiness_and_metadata(client):
         assert [(o["name"], o["dims"]) for o in config["output"]] == [
             ("output", [1]),
             ("gate_weights", [3]),
+            ("expert_outputs", [3, 1]),
         ]
 
     index = client.get_model_repository_index()
