@@ -26,6 +26,7 @@ from kanmoe.service.frontdoor import FrontDoor
 from kanmoe.service.handlers import Service
 from kanmoe.service.metrics import ServiceMetrics
 from kanmoe.service.responses import ERRORS, INFER_ERRORS, error_response, lookup, to_response
+from kanmoe.service.routes_card import card_router
 from kanmoe.service.routes_v2 import v2_router
 from kanmoe.service.settings import ServeSettings
 from kanmoe.service.store import LoadedVersion, ModelStore
@@ -216,6 +217,7 @@ def create_fastapi(settings: ServeSettings, service: Service, metrics: Any | Non
         return to_response(await service.v1_predict(name, version, await request.body(), ctype))
 
     app.include_router(v2_router(settings, service))
+    app.include_router(card_router(settings, service))
 
     return app
 

@@ -470,6 +470,28 @@ class ServiceMetrics:
             for side, counts in out_of_range:
                 state.out_of_range[side] += counts
 
+    def expert_traffic(self, model: str, version: str) -> dict[str, dict[str, Any]] | None:
+        """Live traffic of a loaded version per MoE layer, for the model card: ``{layer:
+        {"experts", "rows", "routed" (top-1 counts), "mean_weight"}}``; None if not loaded.
+
+        Buffered batches are folded first, so the numbers match the next scrape.
+        """
+        with self._lock:
+            state = self._versions.get((model, version))
+            if state is None:
+                return None
+            self._fold(state, *state.take_pending())
+            out: dict[str, dict[str, Any]] = {}
+            for layer in state.layers:
+                rows = int(layer.weights.counts[0].sum())  # one weight per row per expert
+                out[layer.layer] = {
+                    "experts": list(layer.experts),
+                    "rows": rows,
+                    "routed": layer.routed.tolist(),
+                    "mean_weight": (layer.weights.sums / max(rows, 1)).tolist(),
+                }
+            return out
+
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Exposition body and its content type: OpenMetrics if ``accept`` asks for it."""
         encoder, content_type = choose_encoder(accept or "")
