@@ -87,6 +87,10 @@ class ModelSpec:
         """What every run fetches: the prediction and the gates (the metrics read them)."""
         return [OUTPUT_NAME, *(g.output for g in self.gates)]
 
+    def gate_output(self, layer: str) -> str:
+        """The graph output holding ``layer``'s gate weights."""
+        return next(g.output for g in self.gates if g.layer == layer)
+
     def explain_unavailable(self) -> str:
         """Why v1 ``explain`` cannot split this model's predictions ("" when it can)."""
         if self.explain is not None:

@@ -149,23 +149,30 @@ def explanation(spec: ModelSpec, outputs: dict[str, np.ndarray]) -> dict[str, An
     """
     info = spec.explain
     assert info is not None
-    gate = next(g for g in spec.gates if g.layer == info.layer)
-    experts = outputs[info.output].astype(np.float64)  # (rows, E, targets)
-    offset = np.asarray(info.offset, dtype=np.float64)
-    weights = outputs[gate.output].astype(np.float64)[:, :, None]
-    contributions = weights * (experts - offset)
+    experts = outputs[info.output]  # (rows, E, targets)
+    weights = outputs[spec.gate_output(info.layer)]  # (rows, E)
     if spec.n_targets == 1:
-        return {
-            "layer": info.layer,
-            "offset": float(offset[0]),
-            "expert_predictions": experts[:, :, 0].tolist(),
-            "contributions": contributions[:, :, 0].tolist(),
-        }
+        offset: Any = info.offset[0]
+        predictions = experts[:, :, 0].tolist()
+        if experts.size <= 64:  # a few rows: Python floats (float64 too) beat numpy's calls
+            contributions = [
+                [w * (e - offset) for w, e in zip(wr, er, strict=True)]
+                for wr, er in zip(weights.tolist(), predictions, strict=True)
+            ]
+        else:
+            wide = experts[:, :, 0].astype(np.float64)
+            contributions = (weights.astype(np.float64) * (wide - offset)).tolist()
+    else:
+        offset = list(info.offset)
+        wide = experts.astype(np.float64)
+        predictions = experts.tolist()
+        shares = weights.astype(np.float64)[:, :, None] * (wide - np.asarray(offset))
+        contributions = shares.tolist()
     return {
         "layer": info.layer,
-        "offset": offset.tolist(),
-        "expert_predictions": experts.tolist(),
-        "contributions": contributions.tolist(),
+        "offset": offset,
+        "expert_predictions": predictions,
+        "contributions": contributions,
     }
 
 

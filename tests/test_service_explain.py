@@ -61,6 +61,8 @@ def test_explain_with_named_instances_and_a_bad_flag(default_server, rows):
     instance = dict(zip(names, rows[0].tolist(), strict=True))
     r = httpx.post(default_server.url + PREDICT, json={"instances": [instance], "explain": True})
     assert r.status_code == 200 and len(r.json()["explanation"]["contributions"]) == 1
+    ex, (pred,) = r.json()["explanation"], r.json()["predictions"]  # the few-rows code path
+    assert abs(ex["offset"] + sum(ex["contributions"][0]) - pred) < 1e-5
     bad_flag = {"inputs": [rows[0].tolist()], "explain": 1}
     bad = httpx.post(default_server.url + PREDICT, json=bad_flag)
     assert bad.status_code == 400 and "'explain' must be true or false" in bad.json()["error"]
