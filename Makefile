@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: help venv install install-dev system-deps serve test test-reliability lint format bench bench-kan bench-onnx \
-        bench-serve bench-triton paper-tables default-model export-default clean
+        bench-serve bench-explain bench-triton paper-tables default-model export-default clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,8 +39,9 @@ venv install: $(VENV)/.installed  ## create .venv and install kanmoe with train+
 install-dev: $(VENV)/.installed-dev  ## create .venv and install kanmoe with dev extras
 
 # Debian tools the deployment tests run for real (promtool + a Prometheus server, compose
-# config, haproxy -c) and the serving benchmark's load generator. CI installs them first.
-SYSTEM_DEPS ?= prometheus docker-compose haproxy wrk
+# config, haproxy -c), the serving benchmark's load generator, and the headless browser the
+# model-card test renders in. CI installs them first.
+SYSTEM_DEPS ?= prometheus docker-compose haproxy wrk chromium
 system-deps:  ## apt-get install the Debian tools the tests and benchmarks use (root)
 	@missing=""; for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -67,13 +68,17 @@ format: $(VENV)/.installed-dev  ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: bench-kan bench-onnx bench-serve  ## run every benchmark and update benchmarks/RESULTS.md
+bench: bench-kan bench-onnx bench-serve bench-explain  ## run every benchmark and update benchmarks/RESULTS.md
 
 bench-kan: $(VENV)/.installed-bench  ## KAN layer speed vs efficient-kan-style baseline, pykan, kanditioned
 	$(PY) benchmarks/kan_layers.py
 
 bench-onnx: $(VENV)/.installed-dev  ## ONNX Runtime vs torch latency
 	$(PY) benchmarks/onnx_runtime.py
+
+bench-explain: $(VENV)/.installed-dev  ## what v1 "explain": true and the per-expert graph outputs cost (wrk, concurrency 1)
+	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk
+	$(PY) benchmarks/explain_cost.py
 
 bench-serve: $(VENV)/.installed-dev  ## serving req/s and latency (wrk): kanmoe serve vs hand-written FastAPI+ORT and the HTTP floor
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk \
