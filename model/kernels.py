@@ -27,9 +27,14 @@ from torch import Tensor
 FORWARD_GROUP_BYTES = 1 << 20  # table bytes per embedding_bag call in the CPU forward
 FORWARD_MAX_GROUPS = 16
 _INT16_KEYS = 32767  # keys sorted as int16 up to this (torch sorts int16 fastest on CPU)
+INT16_MAX_GROUPS = 2  # int16 sorts per call at most (measured: 3+ groups lose to one int32 sort)
 SLOPE_GROUP_BYTES = 1 << 22  # slope rows built per sampled_addmm call in the lookup backward
 BACKWARD_G_BYTES = 1 << 20  # output-gradient rows per backward block (gathered at random)
 BACKWARD_ADD_RATIO = 0.03  # blocks only while re-adding grad_table costs < this x the row work
+# one merged segment-sum call once the table (rows x out) exceeds this x the (pair, shift) count:
+# S-1 extra table-sized outputs and adds (page-faulted afresh above glibc's 32 MB mmap
+# threshold) against S scatters of the pair indices; measured crossover ~4-8 (S = 2), >18 (S = 4)
+MERGE_RATIO = 6
 
 
 def rows_forward(base: Tensor, weights: Tensor, table: Tensor) -> Tensor:
@@ -71,11 +76,14 @@ class SortedRows(NamedTuple):
 def sort_rows(base: Tensor, n_rows: int) -> SortedRows:
     """Group the B*in pairs by global row key p*R + base (stable, so samples stay ascending).
 
-    Keys are sorted as int16 in groups of inputs whose keys fit (torch's CPU sort of int16 is
-    ~3x faster than int32 and ~6x faster than int64); groups are concatenated in key order.
+    Keys are sorted as int16 in up to ``INT16_MAX_GROUPS`` groups of inputs whose keys fit
+    (torch's CPU sort of int16 is ~2x faster than int32 and ~3x faster than int64); groups are
+    concatenated in key order. Larger tables: one int32 sort.
     """
     n_in = base.shape[1]
     per = max(1, _INT16_KEYS // n_rows)
+    if -(-n_in // per) > INT16_MAX_GROUPS:  # past this, one int32 sort beats the group overhead
+        per = n_in
     orders, samples, keys = [], [], []
     for s in range(0, n_in, per):
         e = min(s + per, n_in)
@@ -107,7 +115,7 @@ def segment_sums(
     crow = rows.crow
     total = crow.numel() - 1
     if merged is None:
-        merged = total * g.shape[1] > 64 * n
+        merged = total * g.shape[1] > MERGE_RATIO * n * n_s
     if not merged or n_s == 1:
         out = None
         for s in range(n_s):
@@ -120,21 +128,24 @@ def segment_sums(
                 out[s:].add_(part[: total - s])
         assert out is not None
         return out
-    # off(j) = crow[j] on [0, total], 0 below, n above: padded[j + S]
-    padded = F.pad(crow, (n_s, n_s), value=0)
-    padded[total + n_s + 1 :] = n
-    starts = sum(padded[n_s - s : n_s - s + total] for s in range(n_s))  # start(R) = sum off(R-s)
+    # Bag d holds, for s = S-1 .. 0, the sorted segment of row d - s (with the weights of shift
+    # s). So element i (row r) lands at i + sum_{j=0}^{S-2} crow[r + s - j] for shift s, and bag
+    # d starts at sum_{s=0}^{S-1} crow[d - s] (crow below 0 is 0): no sort, S scatters.
+    cp = F.pad(crow, (n_s - 1, 0))  # cp[k + S - 1] = crow[k]
     r = rows.row
-    within = torch.arange(n, device=g.device) - crow[r]
+    acc = [torch.zeros_like(r)]  # acc[k] = sum_{k' = 1..k} cp[r + k']
+    for k in range(1, 2 * n_s - 1):
+        acc.append(cp[r + k].add_(acc[-1]))
+    starts = cp[n_s - 1 : n_s - 1 + total].clone()
+    for d in range(1, n_s):
+        starts += cp[n_s - 1 - d : n_s - 1 - d + total]
+    ar = torch.arange(n, device=g.device)
     idx = torch.empty(n * n_s, dtype=torch.int64, device=g.device)
     w = torch.empty(n * n_s, dtype=g.dtype, device=g.device)
     for s in range(n_s):
-        # in bag r+s, the segment of shift s follows those of shifts < s (rows r+s .. r+1)
-        pos = within + starts[r + s]
-        if s:
-            pos += padded[r + (s + 1 + n_s)] - padded[r + (1 + n_s)]
-        idx[pos] = rows.sample
-        w[pos] = weights[s]
+        pos = (acc[s + n_s - 1] - acc[s]).add_(ar)
+        idx.scatter_(0, pos, rows.sample)
+        w.scatter_(0, pos, weights[s])
     return F.embedding_bag(idx, g, starts, mode="sum", per_sample_weights=w)
 
 
@@ -162,16 +173,18 @@ def slope_dots(rows: SortedRows, table: Tensor, g: Tensor) -> Tensor:
     n_in, n_rows, n_out = table.shape
     step = max(1, SLOPE_GROUP_BYTES // (n_rows * n_out * table.element_size()))
     crow = rows.crow
+    # one buffer for every group: a fresh block per group would be page-faulted in each time
+    buf = table.new_empty(min(step, n_in), n_rows - 1, n_out)
     parts = []
     for s in range(0, n_in, step):
         e = min(s + step, n_in)
         lo, hi = int(crow[s * n_rows]), int(crow[e * n_rows])
         if lo == hi:
             continue
-        slope = torch.sub(table[s:e, 1:], table[s:e, :-1]).reshape(-1, n_out)
+        slope = torch.sub(table[s:e, 1:], table[s:e, :-1], out=buf[: e - s]).view(-1, n_out)
         # each input's last row is never a left cell (empty), so dropping it keeps the CSR
         local = crow[s * n_rows : e * n_rows].view(e - s, n_rows)[:, : n_rows - 1]
-        crow_g = torch.cat((local.reshape(-1), crow[e * n_rows : e * n_rows + 1])) - lo
+        crow_g = torch.cat((local.reshape(-1), crow[e * n_rows : e * n_rows + 1])).sub_(lo)
         sub = SortedRows(rows.order, rows.sample[lo:hi], rows.row, crow_g)
         parts.append(sampled_dots(sub, slope, g))
     if not parts:  # an empty batch
@@ -292,7 +305,8 @@ def _backward_block(
                 dots.addcmul_(sampled_dots(rows, flat, g, s), dw[:, s])
         grad_x = unsort(rows, dots, tuple(base.shape))
     if need_table:
-        w = weights.reshape(-1, n_s).index_select(0, rows.order).t()
-        grad_table = segment_sums(rows, g, w.contiguous().unbind(0))
+        flat_w = weights.reshape(-1, n_s)  # one strided gather per shift: no (n, S) transpose
+        w = [flat_w[:, s].index_select(0, rows.order) for s in range(n_s)]
+        grad_table = segment_sums(rows, g, w)
         grad_table = grad_table.reshape(n_in, n_rows, n_out)
     return grad_x, grad_table
