@@ -113,8 +113,8 @@ def _experts_section(spec: ModelSpec, traffic: Mapping[str, Any] | None) -> str:
         )
         for i, expert in enumerate(gate.experts):
             shares = gate.reference_shares
-            live_mean = live["mean_weight"][i] if rows else None
-            live_top1 = live["routed"][i] / rows if rows else None
+            live_mean = live["mean_weight"][i] if live and rows else None
+            live_top1 = live["routed"][i] / rows if live and rows else None
             data = {
                 "ref-mean": shares[i] if shares else None,
                 "live-mean": live_mean,

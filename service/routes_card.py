@@ -26,8 +26,22 @@ from kanmoe.service.settings import ServeSettings
 from kanmoe.service.store import LoadedVersion
 
 FUNCTIONS_FILE = "functions.json"
-_JSON_200 = {200: {"content": {"application/json": {"schema": {"type": "object"}}}}}
-_HTML_200 = {200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
+_JSON_200: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"type": "object"}}}}
+}
+# The card answers HTML, its errors JSON: said explicitly, since FastAPI would document every
+# error of an HTMLResponse route as text/html.
+_CARD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **{
+        code: {
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            }
+        }
+        for code in ERRORS
+    },
+    200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+}
 
 
 @dataclass
@@ -135,7 +149,7 @@ def card_router(settings: ServeSettings, service: Service) -> APIRouter:
         "/v1/models/{name}/card",
         tags=["v1"],
         response_class=HTMLResponse,
-        responses={**ERRORS, **_HTML_200},
+        responses=_CARD_RESPONSES,
     )
     def model_card(name: str) -> HTMLResponse:
         """A self-contained HTML model card: metrics, experts, traffic, learned functions."""
@@ -145,7 +159,7 @@ def card_router(settings: ServeSettings, service: Service) -> APIRouter:
         "/v1/models/{name}/versions/{version}/card",
         tags=["v1"],
         response_class=HTMLResponse,
-        responses={**ERRORS, **_HTML_200},
+        responses=_CARD_RESPONSES,
     )
     def version_card(name: str, version: str) -> HTMLResponse:
         return card(name, version)
