@@ -16,6 +16,7 @@ Run from the repo root: ``python benchmarks/explain_cost.py`` (``make bench-expl
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -78,6 +79,7 @@ def main() -> None:
         "plain graph (no expert outputs)": ("plain", PLAIN),
     }
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_start = os.getloadavg()[0]
     servers: dict[str, Server] = {}
     p50: dict[str, list[float]] = {k: [] for k in cases}
     rps: dict[str, list[float]] = {k: [] for k in cases}
@@ -120,6 +122,8 @@ def main() -> None:
         f"- Machine: {results_file.machine_line()}",
         f"- Command: `python benchmarks/explain_cost.py --seconds {args.seconds} "
         f"--rounds {args.rounds}`, started {start}",
+        f"- Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
+        "(2 cores: above ~0.5 other jobs shared the machine and the ratios are noisy)",
         "- Method: two `kanmoe serve` processes (1 ORT thread each), v1 predict with one row, "
         "wrk with one connection; cases interleaved round by round; ratios are medians of the "
         "per-round ratios of median latency.",
