@@ -202,26 +202,28 @@ def unsort(rows: SortedRows, values: Tensor, shape: tuple[int, ...]) -> Tensor:
 class LocalRowsFn(torch.autograd.Function):
     """y = rows_forward(base, weights, table) with gradients for x and the table.
 
-    ``apply(x, table, base, weights, dweights, slope_scale, pad)``: base, weights (and
+    ``apply(x, table, base, weights, dweights, slope_scale, oim, rows)``: base, weights (and
     dweights, the x-derivatives of the weights) are computed from x outside, without grad; x
     is passed only so autograd routes its gradient here. grad_x is sum_s dweights[s] *
     (g . row s) or, when dweights is None (the linear lookup), slope_scale * g . (row 1 -
     row 0), the difference taken first so float32 does not cancel two large dot products.
-    ``pad >= 0``: ``table`` is (out, in, M) (a B-spline layer's coefficients), ``rows`` its
-    ``padded_rows(table, pad)``; the gradient comes back contiguous in the (out, in, M)
-    layout (strided gradients would make the coefficients' own backward slow). Otherwise
-    ``pad`` is -1, ``rows`` None and ``table`` the (in, R, out) row table itself.
+    ``oim``: ``table`` is (out, in, M) (a B-spline layer's coefficients) and ``rows`` its
+    (in, M, out) row table (``coef_rows``); the gradient comes back in the layout of
+    ``table``: a permuted view when ``table`` is stored (in, M, out) (no copy), else
+    contiguous (strided gradients would make the coefficients' own backward slow).
+    Otherwise ``rows`` is None and ``table`` the (in, R, out) row table itself.
     """
 
     @staticmethod
-    def forward(x, table, base, weights, dweights, slope_scale, pad, rows):  # type: ignore[override]
+    def forward(x, table, base, weights, dweights, slope_scale, oim, rows):  # type: ignore[override]
         return rows_forward(base, weights, table if rows is None else rows)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, table, base, weights, dweights, slope_scale, pad, rows = inputs
+        x, table, base, weights, dweights, slope_scale, oim, rows = inputs
         ctx.save_for_backward(table if rows is None else rows, base, weights, dweights)
-        ctx.slope_scale, ctx.pad = slope_scale, pad
+        ctx.slope_scale, ctx.oim = slope_scale, oim
+        ctx.permuted = oim and table.permute(1, 2, 0).is_contiguous()
         ctx.x_shape, ctx.table_shape = x.shape, table.shape
 
     @staticmethod
@@ -250,20 +252,26 @@ class LocalRowsFn(torch.autograd.Function):
         grad_x = None
         if need_x:
             grad_x = (torch.cat(grad_xs) if len(grad_xs) > 1 else grad_xs[0]).reshape(ctx.x_shape)
-        if grad_table is not None and ctx.pad >= 0:
+        if grad_table is not None and ctx.oim:
             n_out, n_in, n_m = ctx.table_shape
-            inner = grad_table[:, ctx.pad : ctx.pad + n_m].reshape(n_in * n_m, n_out)
-            grad_table = inner.t().contiguous().view(n_out, n_in, n_m)  # 2-D transpose: fast
+            if ctx.permuted:
+                grad_table = grad_table.view(n_in, n_m, n_out).permute(2, 0, 1)
+            else:  # a 2-D transpose copy (blocked, fast)
+                grad_table = grad_table.view(n_in * n_m, n_out).t().contiguous()
+                grad_table = grad_table.view(n_out, n_in, n_m)
         return grad_x, grad_table, None, None, None, None, None, None
 
 
-def padded_rows(coef: Tensor, pad: int) -> Tensor:
-    """(out, in, M) coefficients -> (in, M + 2 pad, out) row table with zero rows at both ends."""
+def coef_rows(coef: Tensor) -> Tensor:
+    """(out, in, M) coefficients -> their (in, M, out) row table: a view when stored that way
+    (a B-spline layer on the local path keeps them so), else a 2-D transpose copy (blocked and
+    fast, unlike a 3-D permute copy)."""
+    rows = coef.detach().permute(1, 2, 0)
+    if rows.is_contiguous():
+        return rows
     n_out, n_in, n_m = coef.shape
-    # a 2-D transpose copy (blocked, fast) then a contiguous pad: a 3-D permute copy is slow
     with torch.no_grad():
-        rows = coef.reshape(n_out, n_in * n_m).t().contiguous().view(n_in, n_m, n_out)
-        return F.pad(rows, (0, 0, pad, pad))
+        return coef.reshape(n_out, n_in * n_m).t().contiguous().view(n_in, n_m, n_out)
 
 
 def backward_chunk_rows(n_b: int, n_in: int, n_s: int, table: Tensor) -> int:
