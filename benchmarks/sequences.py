@@ -2,11 +2,12 @@
 
 Two data sets that ship or are generated, so anyone can rerun this offline:
 
-- ``msft``: daily Microsoft volume 1986-2017 from the ``pmdarima`` wheel (``load_msft()``),
-  target Volume, features Volume, |log return| and the high-low range over the close, each
-  divided by its rolling 63-day median (one quarter) shifted by the horizon.
+- ``msft``: daily Microsoft volume (the last 3,000 days, 2006-2017) from the ``pmdarima``
+  wheel (``load_msft()``), target Volume, features Volume, |log return| and the high-low
+  range over the close, each divided by its rolling 63-day median (one quarter) shifted by
+  the horizon.
 - ``regimes``: kanmoe's seeded regime-switching generator (``kanmoe.model.regimes``), three
-  series of 1,500 steps, MinMax-scaled; the true regime scores the gates (normalised mutual
+  series of 800 steps, MinMax-scaled; the true regime scores the gates (normalised mutual
   information between the routed expert at a window's last step and the regime there).
 
 Models, same data, windows, split (chronological 64/16/20) and epoch cap: ``GRU (minimal)``,
@@ -56,6 +57,8 @@ from kanmoe.model.data import Dataset, load_sequence
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "sequence_kamoe_gru.yaml"
 REFERENCE = "GRU (minimal)"
+MSFT_DAYS = 3000  # the last 3,000 trading days: 2006-2017
+REGIME_STEPS = 800  # per synthetic series
 MODELS = {  # name -> model config fields over the shipped config's model section
     REFERENCE: None,
     "GRU": {"kind": "rnn", "expert": "gru"},
@@ -87,7 +90,7 @@ def msft_frame() -> pd.DataFrame:
 def regimes_frame(quick: bool) -> pd.DataFrame:
     from kanmoe.model.regimes import generate
 
-    return generate(n_series=3, n_steps=400 if quick else 1500, seed=0)
+    return generate(n_series=3, n_steps=400 if quick else REGIME_STEPS, seed=0)
 
 
 def data_config(name: str, path: Path, horizon: int, lookback: int | None) -> SequenceData:
@@ -372,6 +375,49 @@ def regime_plot(row: dict, p: Prepared, out: Path, n_steps: int) -> None:
     plt.close(fig)
 
 
+def speed(widths: list[int], rounds: int, overrides: list[str], seq_len: int = 45) -> str:
+    """Training step time (forward, backward, AdamW step) of KAMoE_GRU / MoE_GRU vs GRU.
+
+    Same width, the shipped batch size, 3 features, ``seq_len`` steps; the models take turns
+    each round so machine noise hits all alike; the ratio of medians is reported.
+    """
+    from kanmoe.model.builder import build_model
+
+    lines = [
+        "| width | GRU ms/step | MoE_GRU / GRU | KAMoE_GRU / GRU |",
+        "|---|---|---|---|",
+    ]
+    for w in widths:
+        steps: dict[str, list[float]] = {}
+        runners = {}
+        for name in ("GRU", "MoE_GRU", "KAMoE_GRU"):
+            model_cfg, train_cfg = kanmoe_configs(name, [w, w], 1, overrides)
+            torch.manual_seed(0)
+            model = build_model(model_cfg, 3, 1, seq_len)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            x = torch.randn(train_cfg.batch_size, seq_len, 3)
+            y = torch.randn(train_cfg.batch_size, 1)
+
+            def step(model=model, opt=opt, x=x, y=y) -> None:
+                opt.zero_grad(set_to_none=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+
+            step()  # warm-up
+            runners[name] = step
+        for _ in range(rounds):
+            for name, step in runners.items():
+                t0 = time.perf_counter()
+                step()
+                steps.setdefault(name, []).append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in steps.items()}
+        lines.append(
+            f"| {w} | {med['GRU'] * 1e3:.1f} | {med['MoE_GRU'] / med['GRU']:.2f}x | "
+            f"{med['KAMoE_GRU'] / med['GRU']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, writes nothing")
@@ -388,18 +434,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--write", action="store_true", help="write RESULTS.md (default unless --quick)"
     )
+    ap.add_argument("--no-write", action="store_true", help="never write RESULTS.md (ablations)")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "sequence_regimes_gates.png")
+    ap.add_argument("--speed", action="store_true", help="only time training steps (goal 4)")
+    ap.add_argument("--speed-widths", nargs="+", type=int, default=[32, 100])
     args = ap.parse_args(argv)
+    if args.speed:
+        torch.set_num_threads(args.threads)
+        print(speed(args.speed_widths, 3 if args.quick else 15, args.overrides))
+        return 0
     if args.quick:
         args.horizons, args.seeds, args.hidden = args.horizons[:1], args.seeds[:1], [8, 8]
         args.max_epochs, args.lookback = min(args.max_epochs, 2), args.lookback or 12
-    write = args.write or not args.quick
+    write = (args.write or not args.quick) and not args.no_write
     torch.set_num_threads(args.threads)
     frames = {}
     for ds in args.datasets:
         frames[ds] = msft_frame() if ds == "msft" else regimes_frame(args.quick)
-        if ds == "msft" and args.quick:
-            frames[ds] = frames[ds].iloc[-1200:].reset_index(drop=True)
+        if ds == "msft":  # 2006-2017 (quick: the last 1,200 days) keeps a run to minutes
+            keep = 1200 if args.quick else MSFT_DAYS
+            frames[ds] = frames[ds].iloc[-keep:].reset_index(drop=True)
     rows: list[dict] = []
     plotted = False
     with tempfile.TemporaryDirectory() as tmp:

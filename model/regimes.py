@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 FEATURES = ["value", "abs_change", "range"]
+BURST_CAP = 1.0  # log units: a burst at most e^1 = 2.7x, so one spike cannot squash MinMax
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def simulate_series(regimes_at: np.ndarray, regimes: tuple[Regime, ...], rng) ->
     for t in range(n):
         r = regimes[regimes_at[t]]
         dev = r.phi * dev + r.noise * rng.standard_normal()
-        burst = 0.5 * burst + (rng.exponential(1.0) if rng.random() < r.burst_prob else 0.0)
+        spike = rng.exponential(0.5) if rng.random() < r.burst_prob else 0.0
+        burst = min(BURST_CAP, 0.5 * burst + spike)
         season = r.amplitude * np.sin(2 * np.pi * t / r.period) if r.period else 0.0
         log_v[t] = r.level + dev + season + burst
     return np.exp(log_v)
