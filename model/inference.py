@@ -80,12 +80,15 @@ def predict_sequence_frame(servable: ServableModel, df: pd.DataFrame) -> pd.Data
             "in the long format it was trained on"
         )
     numeric_columns(df, value_cols, "--input")
-    xs, meds, series, times = [], [], [], []
+    xs, meds, series, times, short = [], [], [], [], []
     steps = np.arange(1, horizon + 1) - horizon  # target step e+i uses the median at e+i-h
+    # the first ratio needs `window` steps of history ending `horizon` steps earlier
+    need = lookback + (cfg.window + horizon - 1 if rolling else 0)
     for name, block in series_blocks(df, cfg):
         x = block[features].to_numpy(dtype=np.float64)
         n = len(x)
-        if n < lookback:
+        if n < need:
+            short.append(f"'{name}' has {n}")
             continue
         ends = np.arange(lookback - 1, n)
         med = np.ones((len(ends), horizon))
@@ -100,11 +103,20 @@ def predict_sequence_frame(servable: ServableModel, df: pd.DataFrame) -> pd.Data
         meds.append(med[ok])
         series += [name] * int(ok.sum())
         times.append(block[cfg.time_column].to_numpy()[ends[ok]])
-    if not series:
-        need = f"{lookback} steps" + (
-            f" after a {cfg.window}-step median window" if rolling else ""
+    if short:
+        what = f"a {lookback}-step window" + (
+            f" after {cfg.window} steps of rolling-median history shifted by the horizon "
+            f"({horizon})"
+            if rolling
+            else ""
         )
-        raise DataError(f"--input: no series has a complete window ({need})")
+        lead = "no series has a complete window" if not series else "too little history"
+        raise DataError(
+            f"--input: {lead}: series {', '.join(short[:5])} row(s); {what} needs at least "
+            f"{need} rows per series"
+        )
+    if not series:
+        raise DataError("--input: no series has a complete window of finite values")
     y, gates = predict_raw(servable, np.concatenate(xs).astype(np.float32))
     y = y * np.concatenate(meds)
     out = pd.DataFrame({cfg.time_column: np.concatenate(times)})
