@@ -31,10 +31,10 @@ INT16_MAX_GROUPS = 2  # int16 sorts per call at most (measured: 3+ groups lose t
 SLOPE_GROUP_BYTES = 1 << 22  # slope rows built per sampled_addmm call in the lookup backward
 BACKWARD_G_BYTES = 1 << 20  # output-gradient rows per backward block (gathered at random)
 BACKWARD_ADD_RATIO = 0.03  # blocks only while re-adding grad_table costs < this x the row work
-# one merged segment-sum call once the table (rows x out) exceeds this x the (pair, shift) count:
-# S-1 extra table-sized outputs and adds (page-faulted afresh above glibc's 32 MB mmap
-# threshold) against S scatters of the pair indices; measured crossover ~4-8 (S = 2), >18 (S = 4)
-MERGE_RATIO = 6
+# one merged segment-sum call once the table (rows x out) exceeds this x the pair count: S-1
+# extra table-sized outputs and adds (page-faulted afresh above glibc's 32 MB mmap threshold)
+# against S scatters of the pair indices; crossover measured at 8-16 (S = 2) and 6-18 (S = 4)
+MERGE_RATIO = 12
 
 
 def rows_forward(base: Tensor, weights: Tensor, table: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ def segment_sums(
     crow = rows.crow
     total = crow.numel() - 1
     if merged is None:
-        merged = total * g.shape[1] > MERGE_RATIO * n * n_s
+        merged = total * g.shape[1] > MERGE_RATIO * n
     if not merged or n_s == 1:
         out = None
         for s in range(n_s):
@@ -135,7 +135,7 @@ def segment_sums(
     r = rows.row
     acc = [torch.zeros_like(r)]  # acc[k] = sum_{k' = 1..k} cp[r + k']
     for k in range(1, 2 * n_s - 1):
-        acc.append(cp[r + k].add_(acc[-1]))
+        acc.append(cp.index_select(0, r + k).add_(acc[-1]))
     starts = cp[n_s - 1 : n_s - 1 + total].clone()
     for d in range(1, n_s):
         starts += cp[n_s - 1 - d : n_s - 1 - d + total]

@@ -36,6 +36,7 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(kernels, "FORWARD_GROUP_BYTES", 1)
     monkeypatch.setattr(kernels, "FORWARD_MAX_GROUPS", 10**6)
     monkeypatch.setattr(kernels, "_INT16_KEYS", 12)
+    monkeypatch.setattr(kernels, "INT16_MAX_GROUPS", 10**6)  # int16 groups, not one int32 sort
     monkeypatch.setattr(kernels, "SLOPE_GROUP_BYTES", 1)
     monkeypatch.setattr(kernels, "BACKWARD_G_BYTES", 1)  # one sample per backward block
     monkeypatch.setattr(kernels, "BACKWARD_ADD_RATIO", float("inf"))
@@ -183,3 +184,72 @@ def test_empty_batch_forward_and_backward(kwargs):
     y.sum().backward()
     assert x.grad.shape == (0, 3)
     assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+
+
+def test_sort_rows_one_int32_sort_equals_int16_groups(monkeypatch):
+    base, _, _, _ = _problem(41, 7, 9, 1, 2, seed=3)
+    monkeypatch.setattr(kernels, "_INT16_KEYS", 12)  # one input per int16 group: 7 groups
+    monkeypatch.setattr(kernels, "INT16_MAX_GROUPS", 10**6)
+    grouped = kernels.sort_rows(base, 9)
+    monkeypatch.setattr(kernels, "INT16_MAX_GROUPS", 2)  # too many groups: one int32 sort
+    single = kernels.sort_rows(base, 9)
+    for a, b in zip(grouped, single, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bspline_rows_near_and_past_the_grid_ends_equal_dense_basis():
+    """Pairs within K cells of either end are shifted so first + K stays a real column."""
+    grid_size, k, lo, hi = 6, 3, -1.0, 1.0
+    h = (hi - lo) / grid_size
+    x = torch.linspace(lo - (k + 1.5) * h, hi + (k + 1.5) * h, 301, dtype=torch.float64)
+    x = x.reshape(-1, 1).expand(-1, 2).contiguous()
+    vals, dvals, first = splines._bspline_rows(x, grid_size, k, lo, hi, derivative=True)
+    assert int(first.min()) == 0 and int(first.max()) == grid_size - 1
+    cols = first.unsqueeze(-1) + torch.arange(k + 1)
+    dense = splines.bspline_basis_reference(x, grid_size, k, lo, hi)
+    torch.testing.assert_close(vals, dense.gather(-1, cols), atol=1e-12, rtol=0)
+    # every non-zero basis is among the K + 1 picked: nothing is dropped at the ends
+    torch.testing.assert_close(vals.sum(-1), dense.sum(-1), atol=1e-12, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(
+        splines.bspline_basis_reference(xg, grid_size, k, lo, hi),
+        xg,
+        torch.zeros_like(dense).scatter_(-1, cols, 1.0),
+    )[0]
+    torch.testing.assert_close(dvals.sum(-1), want, atol=1e-10, rtol=0)
+
+
+def test_local_bspline_gradcheck_with_coefficients_stored_as_rows(tiny_blocks):
+    """(in, M, out)-stored coefficients (a local-path layer's layout) get their gradient back
+    as a view of the row gradient, not a transposed copy."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(6, 3, generator=g, dtype=torch.float64) * 2.8 - 1.4).requires_grad_(True)
+    rows = torch.randn(3, 12, 2, generator=g, dtype=torch.float64)
+    coef = rows.permute(2, 0, 1).requires_grad_(True)  # (out, in, M), stored (in, M, out)
+    assert kernels.coef_rows(coef).data_ptr() == coef.data_ptr()  # no copy
+    fn = lambda v, c: bspline_local_layer(v, c, 9, 3, -1.0, 1.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, coef))
+    grad = torch.autograd.grad(fn(x, coef).sum(), coef)[0]
+    assert grad.permute(1, 2, 0).is_contiguous()
+
+
+def test_local_path_layer_stores_rows_and_saves_the_usual_layout(tmp_path):
+    from kanmoe.model.run import load_weights, save_weights
+
+    torch.manual_seed(3)
+    layer = KANLinear(4, 3, grid_size=40)
+    assert use_local_bspline(40, 3) and layer.spline_weight.permute(1, 2, 0).is_contiguous()
+    assert KANLinear(4, 3, grid_size=5).spline_weight.is_contiguous()  # dense path: as before
+    x = torch.rand(30, 4) * 2 - 1
+    y = layer(x)
+    y.square().sum().backward()
+    assert layer.spline_weight.grad.permute(1, 2, 0).is_contiguous()  # stolen, not copied
+    save_weights(layer, tmp_path / "w.safetensors")
+    fresh = KANLinear(4, 3, grid_size=40)
+    load_weights(fresh, tmp_path / "w.safetensors")
+    assert fresh.spline_weight.permute(1, 2, 0).is_contiguous()  # load copies into the layout
+    torch.testing.assert_close(fresh(x), y)
+    state = {k: v.contiguous() for k, v in layer.state_dict().items()}  # the usual layout
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), y)
+    assert fresh.double().spline_weight.permute(1, 2, 0).is_contiguous()
