@@ -62,6 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kanmoe.model.kan_run_plots import raw_axis
+
 FUNCTIONS_FILE = "functions.json"
 FORMAT = 1
 POINTS = 48
@@ -98,16 +100,6 @@ def _stacks(servable: Any) -> dict[int, tuple[str, str | None, int | None]]:
     return found
 
 
-def _to_layer(info: Any, servable: Any, p: int) -> tuple[float, float] | None:
-    """(offset, factor) with raw = offset + factor · h for a named feature input, else None."""
-    if not info.named_inputs or info.input_scale is None or p >= servable.n_features:
-        return None
-    w = float(info.input_scale[p])
-    if abs(w) < 1e-12:
-        return None
-    return float(servable.x_mean[p]), float(servable.x_std[p]) / w
-
-
 @torch.no_grad()
 def _layer_entry(
     info: Any,
@@ -133,7 +125,7 @@ def _layer_entry(
     hn, xn = h.double().cpu().numpy(), xs.double().cpu().numpy()
     inputs, edges = [], []
     for p in range(layer.in_features):
-        raw = _to_layer(info, servable, p)
+        raw = raw_axis(info, servable, p)
         x = xn[:, p] if raw is None else raw[0] + raw[1] * xn[:, p]
         counts, _ = np.histogram(hn[:, p], bins=density_bins, range=(xn[0, p], xn[-1, p]))
         units = "raw" if raw is not None else ("scaled" if info.named_inputs else "hidden")

@@ -23,11 +23,11 @@ from .run import ServableModel, load_run
 from .run_inspect import KANLayerInfo, capture_inputs, kan_layers, probe_inputs
 
 
-def _raw_axis(info: KANLayerInfo, servable: ServableModel, p: int) -> tuple[float, float] | None:
+def raw_axis(info: KANLayerInfo, servable: ServableModel, p: int) -> tuple[float, float] | None:
     """(offset, factor) with raw = offset + factor · h for a named feature input, else None."""
     if not info.named_inputs or info.input_scale is None or p >= servable.n_features:
         return None
-    w = info.input_scale[p]
+    w = float(info.input_scale[p])
     if abs(w) < 1e-12:
         return None
     return float(servable.x_mean[p]), float(servable.x_std[p]) / w
@@ -63,7 +63,7 @@ def plot_kan_layer(
         if p >= n_in:
             ax.axis("off")
             continue
-        raw = _raw_axis(info, servable, p)
+        raw = raw_axis(info, servable, p)
         x_plot = xs[:, p].cpu().numpy()
         data = hn[:, p]
         if raw is not None:

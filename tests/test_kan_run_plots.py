@@ -46,7 +46,7 @@ def test_smoothness_is_zero_for_lines_and_positive_for_zigzag(basis):
 @pytest.mark.slow
 def test_every_expert_and_gate_kan_layer_is_plotted_in_raw_units(tmp_path: Path):
     from kanmoe.model.config import validate_config
-    from kanmoe.model.kan_run_plots import _raw_axis, write_kan_plots
+    from kanmoe.model.kan_run_plots import raw_axis, write_kan_plots
     from kanmoe.model.run import load_run
     from kanmoe.model.run_inspect import kan_layers, probe_inputs
     from kanmoe.model.training import train_run
@@ -88,7 +88,7 @@ def test_every_expert_and_gate_kan_layer_is_plotted_in_raw_units(tmp_path: Path)
     assert first.named_inputs and first.input_names == ["age", "income"]
     assert not infos[3].named_inputs and infos[3].input_names[:2] == ["h0", "h1"]
     # raw axis: the layer's input h maps back to the feature's raw value
-    offset, factor = _raw_axis(first, servable, 0)
+    offset, factor = raw_axis(first, servable, 0)
     z = (x_raw[:, 0] - servable.x_mean[0]) / servable.x_std[0]
     h = z * first.input_scale[0]
     np.testing.assert_allclose((offset + factor * h).numpy(), x_raw[:, 0].numpy(), rtol=1e-4)
