@@ -29,6 +29,7 @@ import copy
 import itertools
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -344,35 +345,59 @@ def table(rows: list[dict], datasets: list[str], horizons: list[int], models: li
     return "\n".join(lines)
 
 
-def regime_plot(row: dict, p: Prepared, out: Path, n_steps: int) -> None:
-    """Gate weights at each test window's last step over time, first series, vs the regime."""
+def regime_run(out: Path, hidden: list[int], max_epochs: int, overrides: list[str]) -> dict:
+    """Train the shipped KAMoE_GRU config on the regimes data into ``out/run`` (h=1, seed 0),
+    score routing on its test period through ``kanmoe predict``'s path, and draw the gate
+    weights against the true regime into ``out/run/plots/gates_vs_regime.png``."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from kanmoe.model.inference import predict_sequence_frame
+    from kanmoe.model.training import train_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = regimes_frame(quick=False)
+    frame.to_csv(out / "regimes.csv", index=False, float_format="%.9g")
+    raw = read_yaml(SHIPPED)
+    data = data_config("regimes", out / "regimes.csv", 1, None).model_dump()
+    raw["data"] = {**data, "lookback": "auto"}
+    raw["model"] = {**raw["model"], "hidden": hidden}
+    raw["train"] = {**raw["train"], "epochs": max_epochs, "progress": False}
+    cfg = validate_config(apply_overrides(raw, overrides), source=str(SHIPPED))
+    servable, metrics = train_run(cfg, out / "run")
+    pred = predict_sequence_frame(servable, frame)
+    both = pred.merge(frame[["series", "time", "regime"]], on=["series", "time"])
+    cut = {s: int(np.floor(len(g) * (1 - cfg.data.test_size))) for s, g in frame.groupby("series")}
+    test = both[both["time"] >= both["series"].map(cut)]
+    gate_cols = [c for c in test.columns if c.startswith("gate.")]
+    routed = test[gate_cols].to_numpy().argmax(axis=1)
+    nmi = float(normalized_mutual_info_score(test["regime"], routed))
+    plot_gates(test[test["series"] == "s0"], gate_cols, nmi, out / "run" / "plots")
+    return {"nmi": nmi, "test_r2": metrics["test"]["r2"], "epochs": metrics["epochs"]}
+
+
+def plot_gates(rows: pd.DataFrame, gate_cols: list[str], nmi: float, plots: Path) -> Path:
+    """Gate weights at each window's last step over the test period vs the true regime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model = row["_model"]
-    model.eval()
-    with torch.no_grad():
-        _, gates = model(p.tensors["test"][0][:n_steps], return_gates=True)
-    w = next(iter(gates.values()))[:, -1].numpy()
-    regime = p.regime_last[:n_steps]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.2), sharex=True, height_ratios=[3, 1])
-    for e in range(w.shape[1]):
-        ax1.plot(w[:, e], label=f"expert {e}", lw=1.2)
+    for col in gate_cols:
+        ax1.plot(rows["time"], rows[col], label=col.split(".")[-1], lw=1.2)
     ax1.set_ylabel("gate weight")
-    ax1.legend(loc="upper right", ncols=w.shape[1], fontsize=8)
-    ax1.set_title(
-        f"KAMoE_GRU gate weights vs true regime (test period, NMI {row.get('nmi', 0):.2f})"
-    )
-    ax2.step(np.arange(len(regime)), regime, where="post", color="k")
-    ax2.set_yticks(sorted(set(regime.tolist())))
+    ax1.legend(loc="upper right", ncols=len(gate_cols), fontsize=8)
+    ax1.set_title(f"KAMoE_GRU per-step gate vs true regime (test period, series s0; NMI {nmi:.2f})")
+    ax2.step(rows["time"], rows["regime"], where="post", color="k")
+    ax2.set_yticks(sorted(set(rows["regime"].tolist())))
     ax2.set_ylabel("regime")
-    ax2.set_xlabel("step of the test period (series s0)")
+    ax2.set_xlabel("time step")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    plots.mkdir(parents=True, exist_ok=True)
+    path = plots / "gates_vs_regime.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 def speed(widths: list[int], rounds: int, overrides: list[str], seq_len: int = 45) -> str:
@@ -436,12 +461,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-write", action="store_true", help="never write RESULTS.md (ablations)")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "sequence_regimes_gates.png")
+    ap.add_argument(
+        "--regime-run",
+        type=Path,
+        help="train the shipped config on the regimes data into DIR "
+        "(plots/gates_vs_regime.png, copied to --plot) and report routing NMI; nothing else",
+    )
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="build the table from these --json files "
+        "(runs without overrides only) instead of training",
+    )
+    ap.add_argument("--notes", type=Path, help="markdown appended to the section (the reading)")
     ap.add_argument("--speed", action="store_true", help="only time training steps (goal 4)")
     ap.add_argument("--speed-widths", nargs="+", type=int, default=[32, 100])
     args = ap.parse_args(argv)
     if args.speed:
         torch.set_num_threads(args.threads)
         print(speed(args.speed_widths, 3 if args.quick else 15, args.overrides))
+        return 0
+    if args.regime_run:
+        torch.set_num_threads(args.threads)
+        got = regime_run(args.regime_run, args.hidden, args.max_epochs, args.overrides)
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.regime_run / "run" / "plots" / "gates_vs_regime.png", args.plot)
+        (args.regime_run / "regime.json").write_text(json.dumps(got) + "\n")
+        print(json.dumps(got))
+        return 0
+    if args.from_json:
+        rows = [json.loads(line) for f in args.from_json for line in f.read_text().splitlines()]
+        rows = [r for r in rows if not r.get("overrides")]
+        args.seeds = sorted({r["seed"] for r in rows})
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        text = table(rows, args.datasets, args.horizons, models)
+        print(text)
+        results_file.update_section("sequences", section_text(args, text))
         return 0
     if args.quick:
         args.horizons, args.seeds, args.hidden = args.horizons[:1], args.seeds[:1], [8, 8]
@@ -455,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
             keep = 1200 if args.quick else MSFT_DAYS
             frames[ds] = frames[ds].iloc[-keep:].reset_index(drop=True)
     rows: list[dict] = []
-    plotted = False
     with tempfile.TemporaryDirectory() as tmp:
         for ds in args.datasets:
             for h in args.horizons:
@@ -471,9 +526,6 @@ def main(argv: list[str] | None = None) -> int:
                             + (f" NMI {row['nmi']:.3f}" if "nmi" in row else ""),
                             flush=True,
                         )
-                        if write and not plotted and m == "KAMoE_GRU" and p.regime_last is not None:
-                            regime_plot(row, p, args.plot, 300)
-                            plotted = True
                         row.pop("_model")
                         rows.append(row)
                         if args.json:
@@ -497,6 +549,7 @@ def section_text(args, text: str) -> str:
         + (f" Overrides: {args.overrides}." if args.overrides else "")
         + "\n\n"
         + text
+        + ("\n" + args.notes.read_text() if args.notes else "")
     )
 
 
