@@ -175,7 +175,7 @@ class Trainer:
         from kanmoe.errors import ConfigError
 
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = read_checkpoint(path)
         except Exception as exc:  # torch raises many types for a torn or foreign file
             raise ConfigError(f"--resume: {path} is not a readable checkpoint ({exc})") from None
         try:
@@ -359,13 +359,41 @@ class Trainer:
         return r
 
 
+# What a checkpoint may hold besides tensors and plain containers: the numpy RNG state's
+# array (its module path differs between numpy 1 and 2).
+_NUMPY_GLOBALS = frozenset(
+    {
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+    }
+)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` with ``weights_only=True``: tensors, plain containers and the numpy RNG
+    state's array only, so a checkpoint from elsewhere cannot run code when resumed."""
+    import importlib
+
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    foreign = sorted(set(found) - _NUMPY_GLOBALS)
+    if foreign:
+        raise ValueError(f"it holds Python objects a checkpoint never has: {', '.join(foreign)}")
+    allowed: list = [type(np.dtype(np.uint32))]  # built while unpickling, never listed
+    for name in found:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def checkpoint_epoch(path: str | Path) -> int | None:
     """Epochs completed in the checkpoint at ``path``; None when there is none (or unreadable)."""
     if not Path(path).is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        return int(state["epoch"])
+        return int(read_checkpoint(path)["epoch"])
     except Exception:  # a checkpoint we cannot read is no checkpoint to resume from
         return None
 

@@ -129,3 +129,27 @@ def test_resume_from_a_torn_checkpoint_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a readable checkpoint" in lines[0], lines
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_foreign_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint is loaded with weights_only: an object that would run code is refused."""
+    from typer.testing import CliRunner
+
+    from kanmoe.cli import app
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "x"}))
+    torch.save({"epoch": 1, "model": _RunsCodeWhenUnpickled(marker)}, tmp_path / "checkpoint.pt")
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path), "--resume"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Python objects a checkpoint never has" in lines[0], lines
+    assert "pathlib" in lines[0] and not marker.exists()
