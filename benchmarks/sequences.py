@@ -371,12 +371,15 @@ def regime_run(out: Path, hidden: list[int], max_epochs: int, overrides: list[st
     gate_cols = [c for c in test.columns if c.startswith("gate.")]
     routed = test[gate_cols].to_numpy().argmax(axis=1)
     nmi = float(normalized_mutual_info_score(test["regime"], routed))
-    plot_gates(test[test["series"] == "s0"], gate_cols, nmi, out / "run" / "plots")
+    shown = test.groupby("series")["regime"].nunique().idxmax()  # most regimes in its test
+    plot_gates(both[both["series"] == shown], gate_cols, nmi, cut[shown], out / "run" / "plots")
     return {"nmi": nmi, "test_r2": metrics["test"]["r2"], "epochs": metrics["epochs"]}
 
 
-def plot_gates(rows: pd.DataFrame, gate_cols: list[str], nmi: float, plots: Path) -> Path:
-    """Gate weights at each window's last step over the test period vs the true regime."""
+def plot_gates(
+    rows: pd.DataFrame, gate_cols: list[str], nmi: float, test_start: int, plots: Path
+) -> Path:
+    """Gate weights at each window's last step over one series vs its true regime."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,7 +390,15 @@ def plot_gates(rows: pd.DataFrame, gate_cols: list[str], nmi: float, plots: Path
         ax1.plot(rows["time"], rows[col], label=col.split(".")[-1], lw=1.2)
     ax1.set_ylabel("gate weight")
     ax1.legend(loc="upper right", ncols=len(gate_cols), fontsize=8)
-    ax1.set_title(f"KAMoE_GRU per-step gate vs true regime (test period, series s0; NMI {nmi:.2f})")
+    series = rows["series"].iloc[0]
+    ax1.set_title(
+        f"KAMoE_GRU gate at each step vs true regime, series {series} (test NMI {nmi:.2f})"
+    )
+    for ax in (ax1, ax2):
+        ax.axvline(test_start, color="grey", ls="--", lw=1)
+    ax1.text(
+        test_start, 0.02, " test", transform=ax1.get_xaxis_transform(), fontsize=8, color="grey"
+    )
     ax2.step(rows["time"], rows["regime"], where="post", color="k")
     ax2.set_yticks(sorted(set(rows["regime"].tolist())))
     ax2.set_ylabel("regime")
