@@ -66,7 +66,9 @@ class KANLinear(KANEditMixin, nn.Module):
     Parameters: ``base_weight`` (out, in) (not for ``linear``); ``spline_weight`` (out, in, M)
     with M = grid_size + spline_order (bspline) or grid_size + 1 (rbf), times the optional
     ``spline_scaler`` (out, in); for ``linear``, ``control_points`` (in, N, out) at N uniform
-    positions over [-spline_width/2, spline_width/2].
+    positions over [-spline_width/2, spline_width/2]. A B-spline layer on the local path
+    (``use_local_bspline``) stores ``spline_weight`` as (in, M, out) in memory (a permuted
+    view; its shape, state dict and saved files are the usual (out, in, M)).
     """
 
     def __init__(

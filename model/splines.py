@@ -179,7 +179,7 @@ def _bspline_rows(
         torch.mul(powers[:, d - 1], t, out=powers[:, d])
     vals = torch.mm(powers, coef)
     dvals = torch.mm(powers[:, :k], dcoef) if derivative else None
-    first = cell.sub_(k).clamp_(0, g - 1).long()
+    first = cell.sub_(k).long().clamp_(0, g - 1)  # long first: a NaN x still indexes in range
     if edge.numel():  # x within K cells past the grid's range: rare
         flat = first.reshape(-1)[edge]
         _edge_pieces(x.reshape(-1)[edge], flat, edge, vals, dvals, g, k, grid_lo, grid_hi)
