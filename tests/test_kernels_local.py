@@ -42,12 +42,15 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(kernels, "BACKWARD_ADD_RATIO", float("inf"))
 
 
+@pytest.mark.parametrize("int64", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("n_s", [1, 2, 4])
-def test_rows_forward_and_gradient_pieces_equal_gathers(n_s, merged, chunked, request):
+def test_rows_forward_and_gradient_pieces_equal_gathers(n_s, merged, chunked, int64, request):
     if chunked:
         request.getfixturevalue("tiny_blocks")
+    if int64:  # indices past int32 (huge tables) take int64 through every kernel
+        request.getfixturevalue("monkeypatch").setattr(kernels, "_INT32_MAX", 0)
     base, w, table, grad = _problem(37, 5, 9, 3, n_s)
     table.requires_grad_(True)
     w.requires_grad_(True)
