@@ -328,3 +328,41 @@ def _backward_block(
         grad_table = segment_sums(rows, g, w)
         grad_table = grad_table.reshape(n_in, n_rows, n_out)
     return grad_x, grad_table
+
+
+SCALE_GROUP_BYTES = 1 << 20  # rows per chunk of the row-scale gradient's reused product buffer
+
+
+class ScaleRowsFn(torch.autograd.Function):
+    """rows (in, M, out) * scale (in, out) broadcast over M, for (in, M, out)-stored coefficients.
+
+    Autograd's own product would allocate a second table-sized tensor in the backward just to
+    sum it over M for the scale's gradient; here that product goes through one cache-sized
+    buffer, input group by input group.
+    """
+
+    @staticmethod
+    def forward(rows: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        return rows * scale.unsqueeze(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        rows, scale = ctx.saved_tensors
+        grad_rows = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = g * scale.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            n_in, n_m, n_out = rows.shape
+            step = max(1, SCALE_GROUP_BYTES // max(1, n_m * n_out * rows.element_size()))
+            buf = rows.new_empty(min(step, n_in), n_m, n_out)
+            grad_scale = rows.new_empty(n_in, n_out)
+            for s in range(0, n_in, step):
+                e = min(s + step, n_in)
+                part = torch.mul(g[s:e], rows[s:e], out=buf[: e - s])
+                torch.sum(part, 1, out=grad_scale[s:e])
+        return grad_rows, grad_scale

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import custom_ops  # noqa: F401  (registers torch.ops.kanmoe.* for export_mode)
 from .activations import make_activation
 from .kan_edit import KANEditMixin, _ridge_fit
+from .kernels import ScaleRowsFn
 from .splines import (
     bspline_basis,
     bspline_local_layer,
@@ -243,7 +244,7 @@ class KANLinear(KANEditMixin, nn.Module):
             rows = coef.permute(1, 2, 0)
             if rows.is_contiguous():  # stored (in, M, out): scale the rows (a logical (out, in,
                 # M) op and its gradient's sum over M run ~10x slower on this layout)
-                coef = (rows * self.spline_scaler.t().unsqueeze(1)).permute(2, 0, 1)
+                coef = ScaleRowsFn.apply(rows, self.spline_scaler.t()).permute(2, 0, 1)
             else:
                 coef = coef * self.spline_scaler.unsqueeze(-1)
         if self._any_locked:

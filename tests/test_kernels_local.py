@@ -256,3 +256,12 @@ def test_local_path_layer_stores_rows_and_saves_the_usual_layout(tmp_path):
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(x), y)
     assert fresh.double().spline_weight.permute(1, 2, 0).is_contiguous()
+
+
+def test_scale_rows_gradcheck_through_chunks(monkeypatch):
+    monkeypatch.setattr(kernels, "SCALE_GROUP_BYTES", 1)  # one input per chunk
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(kernels.ScaleRowsFn.apply(rows, scale), rows * scale[:, None])
+    assert torch.autograd.gradcheck(kernels.ScaleRowsFn.apply, (rows, scale))
