@@ -174,24 +174,29 @@ def sampled_dots(rows: SortedRows, table_flat: Tensor, g: Tensor, shift: int = 0
     return torch.sparse.sampled_addmm(pattern, table_flat, g.t(), beta=0.0).values()
 
 
-def slope_dots(rows: SortedRows, table: Tensor, g: Tensor) -> Tensor:
+def slope_dots(rows: SortedRows, table: Tensor, g: Tensor, slopes: Tensor | None = None) -> Tensor:
     """(n,) in sorted order: g[sample_i] . (table[p, c + 1] - table[p, c]) for row_i = p*R + c.
 
     Differences first (no cancellation between two large dot products); built per group of
-    inputs into a cache-sized block, so no second full-size table is ever allocated.
+    inputs into a cache-sized block, so no second full-size table is allocated, unless the
+    caller passes them all in ``slopes`` (in, R-1, out) (several sample blocks share them).
     """
     n_in, n_rows, n_out = table.shape
     step = max(1, SLOPE_GROUP_BYTES // (n_rows * n_out * table.element_size()))
     crow = rows.crow
     # one buffer for every group: a fresh block per group would be page-faulted in each time
-    buf = table.new_empty(min(step, n_in), n_rows - 1, n_out)
+    buf = table.new_empty(min(step, n_in), n_rows - 1, n_out) if slopes is None else slopes
     parts = []
     for s in range(0, n_in, step):
         e = min(s + step, n_in)
         lo, hi = int(crow[s * n_rows]), int(crow[e * n_rows])
         if lo == hi:
             continue
-        slope = torch.sub(table[s:e, 1:], table[s:e, :-1], out=buf[: e - s]).view(-1, n_out)
+        if slopes is None:
+            slope = torch.sub(table[s:e, 1:], table[s:e, :-1], out=buf[: e - s])
+        else:
+            slope = slopes[s:e]
+        slope = slope.view(-1, n_out)
         # each input's last row is never a left cell (empty), so dropping it keeps the CSR
         local = crow[s * n_rows : e * n_rows].view(e - s, n_rows)[:, : n_rows - 1]
         crow_g = torch.cat((local.reshape(-1), crow[e * n_rows : e * n_rows + 1])).sub_(lo)
@@ -215,8 +220,9 @@ class LocalRowsFn(torch.autograd.Function):
     ``apply(x, table, base, weights, dweights, slope_scale, oim, rows)``: base, weights (and
     dweights, the x-derivatives of the weights) are computed from x outside, without grad; x
     is passed only so autograd routes its gradient here. grad_x is sum_s dweights[s] *
-    (g . row s) or, when dweights is None (the linear lookup), slope_scale * g . (row 1 -
-    row 0), the difference taken first so float32 does not cancel two large dot products.
+    (g . row s) or, when dweights is None (the linear lookup, whose weights are (1 - t, t)),
+    slope_scale * g . (row 1 - row 0), the difference taken first so float32 does not cancel
+    two large dot products.
     ``oim``: ``table`` is (out, in, M) (a B-spline layer's coefficients) and ``rows`` its
     (in, M, out) row table (``coef_rows``); the gradient comes back in the layout of
     ``table``: a permuted view when ``table`` is stored (in, M, out) (no copy), else
@@ -244,6 +250,9 @@ class LocalRowsFn(torch.autograd.Function):
         g = g.contiguous()
         n_b, n_in = base.shape
         step = backward_chunk_rows(n_b, n_in, weights.shape[-1], table)
+        slopes = None
+        if need_x and dweights is None and step < n_b:  # lookup in blocks: slopes made once
+            slopes = torch.sub(table[:, 1:], table[:, :-1])
         grad_xs, grad_table = [], None
         for s in range(0, max(n_b, 1), step):  # an empty batch is one empty block
             e = min(s + step, n_b)
@@ -256,6 +265,7 @@ class LocalRowsFn(torch.autograd.Function):
                 ctx.slope_scale,
                 need_x,
                 need_table,
+                slopes,
             )
             grad_xs.append(gx)
             grad_table = gt if grad_table is None else grad_table.add_(gt)
@@ -306,15 +316,19 @@ def _backward_block(
     slope_scale: float,
     need_x: bool,
     need_table: bool,
+    slopes: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """grad_x (B, in) and grad_table (in, R, out) of one block of samples."""
+    """grad_x (B, in) and grad_table (in, R, out) of one block of samples.
+
+    ``dweights`` None means the linear lookup: weights (1 - t, t), grad_x from slopes.
+    """
     n_in, n_rows, n_out = table.shape
     n_s = weights.shape[-1]
     rows = sort_rows(base, n_rows)
     grad_x = grad_table = None
     if need_x:
         if dweights is None:
-            dots = slope_dots(rows, table, g).mul_(slope_scale)
+            dots = slope_dots(rows, table, g, slopes).mul_(slope_scale)
         else:
             dw = dweights.reshape(-1, n_s).index_select(0, rows.order)
             flat = table.reshape(-1, n_out)
@@ -324,7 +338,11 @@ def _backward_block(
         grad_x = unsort(rows, dots, tuple(base.shape))
     if need_table:
         flat_w = weights.reshape(-1, n_s)  # one strided gather per shift: no (n, S) transpose
-        w = [flat_w[:, s].index_select(0, rows.order) for s in range(n_s)]
+        if dweights is None and n_s == 2:  # the lookup's (1 - t, t): gather t only
+            t = flat_w[:, 1].index_select(0, rows.order)
+            w = [torch.rsub(t, 1.0), t]
+        else:
+            w = [flat_w[:, s].index_select(0, rows.order) for s in range(n_s)]
         grad_table = segment_sums(rows, g, w)
         grad_table = grad_table.reshape(n_in, n_rows, n_out)
     return grad_x, grad_table
