@@ -232,6 +232,7 @@ def test_load_balancer_config_is_valid() -> None:
     text = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
     assert "server-template kanmoe" in text and "kanmoe:8000" in text
     assert "uri /v2/health/ready" in text  # only ready replicas get traffic
+    assert "timeout http-request 10s" in text  # slow-header clients are cut off (uvicorn won't)
 
 
 # -- Prometheus ------------------------------------------------------------------------------
