@@ -202,8 +202,9 @@ def _edge_pieces(
     m = grid_size + k
     cols = first[:, None] + torch.arange(k + 1, device=x.device)
     v, dv, c = _local_bspline(x, grid_size, k, grid_lo, grid_hi, derivative=dvals is not None)
+    assert v is not None
     vals[at] = x.new_zeros(x.numel(), m).scatter_add_(1, c, v).gather(1, cols)
-    if dvals is not None:
+    if dvals is not None and dv is not None:
         dvals[at] = x.new_zeros(x.numel(), m).scatter_add_(1, c, dv).gather(1, cols)
 
 

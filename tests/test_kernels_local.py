@@ -222,7 +222,7 @@ def test_bspline_rows_near_and_past_the_grid_ends_equal_dense_basis():
     torch.testing.assert_close(dvals.sum(-1), want, atol=1e-10, rtol=0)
 
 
-def test_local_bspline_gradcheck_with_coefficients_stored_as_rows(tiny_blocks):
+def test_local_bspline_gradcheck_with_coefficients_stored_as_rows():
     """(in, M, out)-stored coefficients (a local-path layer's layout) get their gradient back
     as a view of the row gradient, not a transposed copy."""
     g = torch.Generator().manual_seed(11)
