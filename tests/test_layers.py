@@ -407,18 +407,24 @@ def test_lock_state_without_its_buffers_is_reported_missing():
         KANLinear(3, 2).load_state_dict(state)
 
 
-def test_old_run_dir_with_lock_buffers_still_loads():
-    from safetensors.torch import load_file
+def test_old_run_dir_with_lock_buffers_still_loads(tmp_path):
+    """Run dirs saved before the lock-buffer rule hold every layer's (unlocked) lock buffers."""
+    import shutil
 
+    from safetensors.torch import load_file, save_file
+
+    from kanmoe.model.layers import lock_state
     from kanmoe.model.run import load_run
     from kanmoe.paths import PROJECT_ROOT
 
-    path = PROJECT_ROOT / "default_run" / "weights.safetensors"
-    stored = load_file(path)
-    lock_keys = {k for k in stored if k.endswith(("locked_coef", "locked_base"))}
-    if not lock_keys:
-        pytest.skip("default_run was saved after the lock-buffer rule (no old file here)")
-    inner = {k.removeprefix("model."): v for k, v in load_run(path.parent).state_dict().items()}
-    assert set(stored) - set(inner) == lock_keys  # all unlocked: now left out of a state dict
-    for key in set(stored) - lock_keys:
-        assert torch.equal(inner[key], stored[key]), key
+    old_dir = tmp_path / "old_run"
+    shutil.copytree(PROJECT_ROOT / "default_run", old_dir, ignore=shutil.ignore_patterns("plots"))
+    current = load_file(old_dir / "weights.safetensors")
+    model = load_run(old_dir).model
+    lock = {k: v.detach().clone().contiguous() for k, v in lock_state(model).items()}
+    assert lock and not set(lock) & set(current)  # the shipped file has none: it is new
+    save_file({**current, **lock}, str(old_dir / "weights.safetensors"))  # the old layout
+    inner = load_run(old_dir).model.state_dict()
+    assert set(inner) == set(current)  # all unlocked: left out of the state dict again
+    for key, value in current.items():
+        assert torch.equal(inner[key], value), key
