@@ -314,7 +314,11 @@ def table(rows: list[dict], datasets: list[str], horizons: list[int], models: li
                 f"{statistics.median(spe):.2f} | {statistics.fmean(eps):.0f} |"
             )
         lines.append("")
-        for a, b in (("KAMoE_GRU", "GRU"), ("GRU", REFERENCE)):
+        tags = {m[len("GRU") :] for m in models if m.startswith("GRU (") and m != REFERENCE}
+        pairs = [("KAMoE_GRU", "GRU"), ("GRU", REFERENCE)]
+        pairs += [(f"KAMoE_GRU{t}", f"GRU{t}") for t in sorted(tags)]
+        pairs += [(f"GRU{t}", REFERENCE) for t in sorted(tags)]
+        for a, b in pairs:
             diffs = []
             for h in horizons:
                 pa = {
@@ -333,14 +337,11 @@ def table(rows: list[dict], datasets: list[str], horizons: list[int], models: li
                     diffs.append(f"h={h}: {mu:+.3f} ± {sd:.3f}")
             if diffs:
                 lines.append(f"- {a} − {b} (paired by seed): " + "; ".join(diffs))
-        nmis = [
-            r["nmi"]
-            for r in rows
-            if r["dataset"] == ds and "nmi" in r and r["model"] == "KAMoE_GRU"
-        ]
-        if nmis:
-            mu, sd = mean_std(nmis)
-            lines.append(f"- KAMoE_GRU routed expert vs true regime, NMI: {mu:.3f} ± {sd:.3f}")
+        for m in (m for m in models if m.startswith("KAMoE_GRU")):
+            nmis = [r["nmi"] for r in rows if (r["dataset"], r["model"]) == (ds, m) and "nmi" in r]
+            if nmis:
+                mu, sd = mean_std(nmis)
+                lines.append(f"- {m} routed expert vs true regime, NMI: {mu:.3f} ± {sd:.3f}")
         lines.append("")
     return "\n".join(lines)
 
@@ -486,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "(runs without overrides only) instead of training",
     )
     ap.add_argument("--notes", type=Path, help="markdown appended to the section (the reading)")
+    ap.add_argument("--results", type=Path, default=results_file.RESULTS, help="file to write")
     ap.add_argument("--speed", action="store_true", help="only time training steps (goal 4)")
     ap.add_argument("--speed-widths", nargs="+", type=int, default=[32, 100])
     args = ap.parse_args(argv)
@@ -503,12 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         rows = [json.loads(line) for f in args.from_json for line in f.read_text().splitlines()]
-        rows = [r for r in rows if not r.get("overrides")]
+        for r in rows:  # runs with overrides become their own rows, labelled by them
+            if r.get("overrides"):
+                r["model"] += f" ({', '.join(o.split('.', 1)[-1] for o in r['overrides'])})"
         args.seeds = sorted({r["seed"] for r in rows})
-        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        names = list(dict.fromkeys(r["model"] for r in rows))
+        models = sorted(names, key=lambda n: (list(MODELS).index(n.split(" (")[0]), n))
         text = table(rows, args.datasets, args.horizons, models)
         print(text)
-        results_file.update_section("sequences", section_text(args, text))
+        results_file.update_section("sequences", section_text(args, text), args.results)
         return 0
     if args.quick:
         args.horizons, args.seeds, args.hidden = args.horizons[:1], args.seeds[:1], [8, 8]
@@ -546,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, args.datasets, args.horizons, models)
     print(text)
     if write:
-        results_file.update_section("sequences", section_text(args, text))
+        results_file.update_section("sequences", section_text(args, text), args.results)
     return 0
 
 
@@ -555,8 +560,9 @@ def section_text(args, text: str) -> str:
         "## Sequences: minimal paper-recipe GRU vs kanmoe's sequence models\n\n"
         f"`python benchmarks/sequences.py` on {results_file.machine_line()}, "
         f"{args.threads} torch thread(s). Hidden widths {args.hidden}, seeds {args.seeds}, "
-        f"at most {args.max_epochs} epochs (early stopping ends most runs first), lookback "
-        f"max(45, 5·h). Test R² is over all horizon steps in the normalised units."
+        f"at most {args.max_epochs} epochs (early stopping ends most runs first), windows of "
+        + (f"{args.lookback} steps" if args.lookback else "max(45, 5·h) steps")
+        + ". Test R² is over all horizon steps in the normalised units."
         + (f" Overrides: {args.overrides}." if args.overrides else "")
         + "\n\n"
         + text
