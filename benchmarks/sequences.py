@@ -19,7 +19,9 @@ kanmoe's ``Trainer`` with the shipped ``configs/sequence_kamoe_gru.yaml`` train 
 Run from the repo root: ``python benchmarks/sequences.py`` (``make bench-seq``) writes the
 ``sequences`` section of RESULTS.md; ``--quick`` is a smoke run (seconds) that writes nothing
 unless ``--write`` is given. ``--set train.x=...`` overrides the kanmoe config (ablations);
-``--json`` keeps every run's numbers.
+``--json`` keeps every run's numbers and ``--from-json`` renders the
+section from such files (the published table was run in pieces that way). The reading by
+hand (goal lines, ablation) is ``benchmarks/sequences_reading.md``, appended to the section.
 """
 
 from __future__ import annotations
@@ -386,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         help="build the table from these --json files "
         "(runs without overrides only) instead of training",
     )
-    ap.add_argument("--notes", type=Path, help="markdown appended to the section (the reading)")
+    ap.add_argument(
+        "--notes",
+        type=Path,
+        default=Path(__file__).with_name("sequences_reading.md"),
+        help="markdown appended to the section: the reading by hand, goal lines, ablation",
+    )
     ap.add_argument("--results", type=Path, default=results_file.RESULTS, help="file to write")
     ap.add_argument("--speed", action="store_true", help="only time training steps (goal 4)")
     ap.add_argument("--speed-widths", nargs="+", type=int, default=[32, 100])
