@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: help venv install install-dev system-deps serve test test-reliability lint format bench bench-kan bench-onnx \
-        bench-serve bench-explain bench-triton paper-tables default-model export-default clean
+        bench-serve bench-explain bench-seq bench-triton paper-tables default-model export-default clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench-onnx: $(VENV)/.installed-dev  ## ONNX Runtime vs torch latency
 bench-explain: $(VENV)/.installed-dev  ## what v1 "explain": true and the per-expert graph outputs cost (wrk, concurrency 1)
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk
 	$(PY) benchmarks/explain_cost.py
+
+bench-seq: $(VENV)/.installed-dev  ## sequence models on daily MSFT volume and synthetic regimes (3 seeds x 3 horizons; ~2 h on 2 cores)
+	$(PY) benchmarks/sequences.py --lookback 24 --max-epochs 60
 
 bench-serve: $(VENV)/.installed-dev  ## serving req/s and latency (wrk): kanmoe serve vs hand-written FastAPI+ORT and the HTTP floor
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps SYSTEM_DEPS=wrk \
