@@ -57,6 +57,7 @@ from kanmoe.model.config import (
     validate_config,
 )
 from kanmoe.model.data import Dataset, load_sequence
+from kanmoe.model.training import scaled_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "sequence_kamoe_gru.yaml"
@@ -125,14 +126,7 @@ def prepare(name: str, frame: pd.DataFrame, workdir: Path, horizon: int, lookbac
         frame.to_csv(path, index=False, float_format="%.9g")
     cfg = data_config(name, path, horizon, lookback)
     data = load_sequence(cfg)
-    prep = data.prep
-    tensors = {
-        part: (
-            torch.from_numpy(prep.scale_x(data.x[part])),
-            torch.from_numpy(prep.scale_y(data.y[part])),
-        )
-        for part in ("train", "val", "test")
-    }
+    tensors = scaled_splits(data)
     regime_last = None
     if "regime" in frame.columns:  # same windows (minmax keeps every row): read the labels
         labels = load_sequence(

@@ -398,6 +398,18 @@ def checkpoint_epoch(path: str | Path) -> int | None:
         return None
 
 
+def scaled_splits(data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train"|"val"|"test": (x, y)}`` as tensors in the model's (scaled) units."""
+    prep = data.prep
+    return {
+        part: (
+            torch.from_numpy(prep.scale_x(data.x[part])),
+            torch.from_numpy(prep.scale_y(data.y[part])),
+        )
+        for part in ("train", "val", "test")
+    }
+
+
 # -- a whole run: data -> model -> fit -> run dir ------------------------------------------
 def train_run(
     cfg,
@@ -426,13 +438,7 @@ def train_run(
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
     prep = data.prep
-    tensors = {
-        part: (
-            torch.from_numpy(prep.scale_x(data.x[part])),
-            torch.from_numpy(prep.scale_y(data.y[part])),
-        )
-        for part in ("train", "val", "test")
-    }
+    tensors = scaled_splits(data)
     model = build_model(
         cfg.model, data.n_features, data.n_targets, data.seq_len, prep.feature_names
     )
