@@ -121,16 +121,16 @@ def state_mismatch(expected: dict[str, Tensor], got: dict[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
-def _accepts_return_gates(model: nn.Module) -> bool:
+def _forward_accepts(model: nn.Module, keyword: str) -> bool:
     try:
-        return "return_gates" in inspect.signature(model.forward).parameters
+        return keyword in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
 def forward_with_gates(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """(y, {moe_layer: weights}) for any model; ``{}`` when it has no gates."""
-    if not _accepts_return_gates(model):
+    if not _forward_accepts(model, "return_gates"):
         return model(x), {}
     y, gates = model(x, return_gates=True)
     if isinstance(gates, dict):
@@ -148,11 +148,7 @@ def forward_with_experts(
         y, weights, outs = model(x, return_experts=True)
         name = str(model.name or "moe")
         return y, {name: weights}, {name: outs}
-    try:
-        accepts = "return_experts" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    if not accepts:
+    if not _forward_accepts(model, "return_experts"):
         y, gates = forward_with_gates(model, x)
         return y, gates, {}
     return model(x, return_experts=True)

@@ -154,11 +154,10 @@ class Service:
             except v2_codec.ProtocolError as exc:
                 raise ServiceError(exc.status, exc.message) from None
             x = self._v2_input(request, spec)
-            base = spec.base_output_names
-            if request.outputs is None:  # the protocol's default: every output
-                full = len(spec.output_names) > len(base)
-            else:
-                full = any(o.name not in base for o in request.outputs)
+            wanted = (  # none named: the protocol's default is every output
+                spec.output_names if request.outputs is None else [o.name for o in request.outputs]
+            )
+            full = any(n not in spec.base_output_names for n in wanted)
             outputs = await self.run(entry, x, full=full)
             body_out, out_headers = v2_codec.encode_infer_response(
                 name,

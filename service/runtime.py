@@ -86,15 +86,16 @@ class OnnxModel:
         if OUTPUT_NAME not in outputs or missing:
             raise ModelLoadError(f"{self.path}: graph lacks outputs {missing or [OUTPUT_NAME]}")
 
+    def _fetch(self, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, self.session.run(names, {INPUT_NAME: x}), strict=True))
+
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on float32 rows; returns the prediction and the gates by name."""
-        values = self.session.run(self.base_output_names, {INPUT_NAME: x})
-        return dict(zip(self.base_output_names, values, strict=True))
+        return self._fetch(self.base_output_names, x)
 
     def run_full(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Like :meth:`run`, plus every other output (per-expert outputs for ``explain``)."""
-        values = self.session.run(self.output_names, {INPUT_NAME: x})
-        return dict(zip(self.output_names, values, strict=True))
+        return self._fetch(self.output_names, x)
 
     def warm_up(self) -> None:
         """One run on in-range rows so the first request does not pay for lazy initialisation."""
